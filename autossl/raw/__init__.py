@@ -1,0 +1,1 @@
+from autossl.raw.dataset import DatasetError, RawDataset  # noqa: F401

@@ -1,0 +1,106 @@
+"""The semi-supervised plug-in interface.
+
+A method is one class in one file under ``autossl/ssl/methods/``, registered by name with
+``@register("name")``. The trainer owns the loop, optimisers, schedules, AMP, DDP, checkpoints
+and logging; a method only says
+
+* which networks it needs (``network_specs``): built from the plans by the trainer,
+* how to turn a labelled and an unlabelled batch into loss(es) (``training_step``; a generator
+  that ``yield``s one loss per optimiser step, so a method with two steps per iteration, like
+  UCMT's UMIX step, yields twice and sees the updated weights in its second step),
+* what happens after each optimiser step (``after_optimizer_step``: EMA teachers),
+* which network(s) predict at test time (``inference_networks``),
+* the scalars it logs (``scalars``) and any extra state for the checkpoint.
+
+The trainer never branches on which method runs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from autossl.ssl.context import TrainingContext
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A network a method needs.
+
+    name:      key in ``ctx.networks`` (e.g. "student", "teacher", "cnn2", "transformer").
+    arch:      "cnn" (the plans' ``architecture``) or "transformer" (``transformer_architecture``).
+    trainable: gets an optimiser (SGD+poly for cnn, AdamW+warm-up for transformer) and is wrapped
+               in DDP; non-trainable networks (EMA teachers) get neither and stay in eval mode
+               unless the method says otherwise.
+    copy_of:   initialise with the weights of another spec (an EMA teacher starts as its student).
+    seed_offset: a different initialisation for a second network of the same architecture.
+    """
+
+    name: str
+    arch: str = "cnn"
+    trainable: bool = True
+    copy_of: str | None = None
+    seed_offset: int = 0
+
+
+class SSLMethod(ABC):
+    name: ClassVar[str] = ""
+    #: whether the trainer must feed unlabelled batches
+    uses_unlabeled: ClassVar[bool] = True
+    #: unlabelled patches per labelled patch in a batch (papers' default)
+    default_unlabeled_ratio: ClassVar[float] = 1.0
+    #: names of the scalars this method logs each step (averaged per epoch, drawn in progress.png)
+    scalars: ClassVar[tuple[str, ...]] = ()
+    #: offline rounds (self-training): the trainer splits the run into this many rounds and calls
+    #: ``on_round_end`` between them
+    rounds: ClassVar[int] = 1
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def option(self, key: str, default):
+        """Read ``--ssl-opt key=value`` with the type of ``default``."""
+        if key not in self.options:
+            return default
+        v = self.options[key]
+        if isinstance(default, bool) and isinstance(v, str):
+            return v.lower() in ("1", "true", "yes", "on")
+        return type(default)(v) if default is not None else v
+
+    # ----------------------------------------------------------------- networks
+    def network_specs(self) -> list[NetworkSpec]:
+        return [NetworkSpec("student")]
+
+    def inference_networks(self) -> list[str]:
+        """Networks whose softmax outputs are averaged at test time."""
+        return [self.network_specs()[0].name]
+
+    def setup(self, ctx: "TrainingContext") -> None:
+        """Called once after the networks are built (and after a checkpoint is loaded)."""
+
+    # ----------------------------------------------------------------- training
+    @abstractmethod
+    def training_step(self, labeled: dict, unlabeled: dict | None, ctx: "TrainingContext") -> Iterator[torch.Tensor]:
+        """Yield one scalar loss per optimiser step.
+
+        labeled:   {"data": (B, C, *patch), "target": list of (B, 1, *) per deep-supervision scale
+                    (highest resolution first), "keys": [...]}
+        unlabeled: {"data": (Bu, C, *patch), "keys": [...]} (+ "target" where pseudo-labels exist),
+                   or None when ``uses_unlabeled`` is False.
+        """
+
+    def after_optimizer_step(self, ctx: "TrainingContext") -> None:
+        """EMA updates and the like; called after every optimiser step."""
+
+    def on_round_end(self, round_index: int, ctx: "TrainingContext") -> None:
+        """Between offline rounds (``rounds`` > 1)."""
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,56 @@
+"""What the trainer hands a method each step. The trainer builds one ``TrainingContext`` and
+updates ``step``; methods read from it and call its helpers, nothing else of the trainer."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+
+def main_output(output):
+    """Highest-resolution output of a network with or without deep supervision."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def main_target(target):
+    return target[0] if isinstance(target, (list, tuple)) else target
+
+
+@dataclass
+class TrainingContext:
+    networks: dict[str, nn.Module]          # trainable ones wrapped in DDP when distributed
+    total_steps: int                        # optimiser steps the whole run will take
+    num_classes: int                        # segmentation heads
+    device: torch.device
+    #: L_s: Dice + CE (deep supervision aware): supervised_loss(output, target)
+    supervised_loss: Callable[[Any, Any], torch.Tensor]
+    #: intensity-only (geometry-preserving) strong augmentation of a batch tensor
+    strong_augment: Callable[[torch.Tensor], torch.Tensor]
+    #: the autocast context the trainer uses (AMP on CUDA, no-op on the CPU)
+    autocast: Callable[[], Any] = nullcontext
+    #: self-training: predict the preprocessed unlabelled cases with the real (sliding-window)
+    #: predictor using the given networks' softmax average, returns {case: probabilities (C, *spatial)}
+    predict_unlabeled: Callable[[list[str]], dict] | None = None
+    #: self-training: hand pseudo-labels {case: seg (1, *spatial), int, -1 = ignore} to the
+    #: unlabelled loader; later unlabelled batches then carry "target"
+    set_pseudo_labels: Callable[[dict], None] | None = None
+    step: int = 0                           # optimiser steps done so far in the run
+    rng: torch.Generator | None = None      # seeded generator for the method's own randomness
+    _logged: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+    def log(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().mean().item()
+        self._logged.setdefault(name, []).append(float(value))
+
+    def pop_logged(self) -> dict[str, float]:
+        out = {k: sum(v) / len(v) for k, v in self._logged.items() if v}
+        self._logged.clear()
+        return out
