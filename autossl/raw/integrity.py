@@ -1,0 +1,260 @@
+"""``--verify_dataset_integrity``: find everything wrong with a raw dataset, one line per problem.
+
+Errors (the dataset cannot be used as it is): dataset.json missing/invalid, file names without a
+channel ID, missing or unlisted channels, a case in imagesTr without a label, labels without
+images, ``numTraining`` mismatch, unreadable files, image/label shape or spacing mismatch,
+NaN/inf in an image, label values that dataset.json does not list.
+Warnings (like nnU-Net v2, training still works): image/label origin, direction or affine differ.
+Unlabelled images (``imagesTrUnlabeled``) are checked for readability, channels and NaN/inf.
+Every line starts with the file it is about; nothing raises.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autossl.imageio.base import ImageReadError
+from autossl.imageio.registry import reader_writer_class
+from autossl.raw.dataset import DatasetError, RawDataset, label_values, validate_dataset_json
+from autossl.utilities.file_io import load_json
+
+CHANNEL_RE = re.compile(r"_(\d{4})$")
+
+
+@dataclass
+class IntegrityReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _scan_images(folder: Path, ending: str, n_channels: int, problems: list[str]
+                 ) -> tuple[dict[str, list[str]], set[str]]:
+    """Group ``CASE_XXXX<ending>`` files by case; report bad names and missing/extra channels.
+    Returns the complete cases (channel files in order) and the names of all cases seen."""
+    cases: dict[str, dict[int, str]] = {}
+    if not folder.is_dir():
+        return {}, set()
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if not f.name.endswith(ending):
+            problems.append(f"{f}: file ending is not {ending!r} (dataset.json 'file_ending'); rename or remove it")
+            continue
+        m = CHANNEL_RE.search(f.name[: -len(ending)])
+        if not m:
+            problems.append(f"{f}: image file names must end in _XXXX{ending} (4-digit channel ID), "
+                            f"e.g. case_0000{ending}")
+            continue
+        cases.setdefault(f.name[: -len(ending)][: m.start()], {})[int(m.group(1))] = str(f)
+    out = {}
+    for case, chans in sorted(cases.items()):
+        missing = [c for c in range(n_channels) if c not in chans]
+        extra = sorted(c for c in chans if c >= n_channels)
+        for c in missing:
+            problems.append(f"{folder / f'{case}_{c:04d}{ending}'}: channel {c} of case {case} is missing "
+                            f"(dataset.json lists {n_channels} channel(s))")
+        for c in extra:
+            problems.append(f"{chans[c]}: channel {c} is not listed in dataset.json 'channel_names' "
+                            f"({n_channels} channel(s))")
+        if not missing:
+            out[case] = [chans[c] for c in range(n_channels)]
+    return out, set(cases)
+
+
+def _structure(folder: Path, dj: dict, report: IntegrityReport):
+    """List labelled and unlabelled cases; report structural problems."""
+    ending = dj["file_ending"]
+    n_ch = len(dj["channel_names"])
+    labeled: dict[str, dict] = {}
+    if "dataset" in dj:  # explicit listing in dataset.json
+        try:
+            listed = RawDataset(folder).labeled
+        except DatasetError as e:
+            report.errors.extend(str(e).splitlines())
+            listed = {}
+        for case, d in listed.items():
+            files = list(d["images"]) + [d["label"]]
+            missing = [f for f in files if not Path(f).is_file()]
+            for f in missing:
+                report.errors.append(f"{f}: listed for case {case} in dataset.json 'dataset' but does not exist")
+            if len(d["images"]) != n_ch:
+                report.errors.append(f"{folder / 'dataset.json'}: case {case} lists {len(d['images'])} image(s) "
+                                     f"but 'channel_names' has {n_ch}")
+            elif not missing:
+                labeled[case] = d
+    else:
+        images, all_cases = _scan_images(folder / "imagesTr", ending, n_ch, report.errors)
+        label_dir = folder / "labelsTr"
+        for case, files in images.items():
+            lab = label_dir / f"{case}{ending}"
+            if not lab.is_file():
+                report.errors.append(f"{files[0]}: case {case} is in imagesTr but has no label ({lab} does not exist); "
+                                     f"if it is unlabelled, move its images to imagesTrUnlabeled/")
+                continue
+            labeled[case] = {"images": files, "label": str(lab)}
+        if label_dir.is_dir():
+            for f in sorted(label_dir.iterdir()):
+                if f.name.startswith(".") or f.is_dir():
+                    continue
+                if not f.name.endswith(ending):
+                    report.errors.append(f"{f}: file ending is not {ending!r} (dataset.json 'file_ending')")
+                elif f.name[: -len(ending)] not in all_cases:
+                    report.errors.append(f"{f}: label without images (no {f.name[: -len(ending)]}_0000{ending} "
+                                         f"in imagesTr)")
+        elif images:
+            report.errors.append(f"{label_dir}: folder not found")
+        if not (folder / "imagesTr").is_dir():
+            report.errors.append(f"{folder / 'imagesTr'}: folder not found")
+        n_found = len(all_cases)
+    unlabeled, _ = _scan_images(folder / "imagesTrUnlabeled", ending, n_ch, report.errors)
+    for case in sorted(set(unlabeled) & set(labeled)):
+        report.errors.append(f"{unlabeled[case][0]}: case {case} is also a labelled case in imagesTr; "
+                             f"give it another name or remove one copy")
+        del unlabeled[case]
+
+    if "dataset" in dj:
+        n_found = len(dj["dataset"]) if isinstance(dj["dataset"], dict) else len(labeled)
+    if isinstance(dj.get("numTraining"), int) and dj["numTraining"] != n_found:
+        report.errors.append(f"{folder / 'dataset.json'}: numTraining is {dj['numTraining']} but {n_found} "
+                             f"labelled case(s) were found in imagesTr")
+    if "numUnlabeled" in dj and isinstance(dj["numUnlabeled"], int) and dj["numUnlabeled"] != len(unlabeled):
+        report.errors.append(f"{folder / 'dataset.json'}: numUnlabeled is {dj['numUnlabeled']} but {len(unlabeled)} "
+                             f"case(s) were found in imagesTrUnlabeled")
+    return labeled, unlabeled
+
+
+def _finite_problems(data: np.ndarray, files: list[str]) -> list[str]:
+    out = []
+    for c in range(data.shape[0]):
+        ch = data[c]
+        if not np.isfinite(ch).all():
+            n_nan, n_inf = int(np.isnan(ch).sum()), int(np.isinf(ch).sum())
+            what = ", ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if s)
+            out.append(f"{files[c]}: image contains {what} value(s)")
+    return out
+
+
+def _geometry(props: dict) -> dict:
+    st = props.get("sitk_stuff")
+    if st:
+        return {"origin": st.get("origin"), "direction": st.get("direction")}
+    nb = props.get("nibabel_stuff")
+    if nb:
+        return {"affine": nb.get("original_affine")}
+    return {}
+
+
+def _check_case(args) -> tuple[list[str], list[str]]:
+    """Check one case; returns (errors, warnings). Never raises."""
+    case, images, label, file_ending, reader_name, expected_labels = args
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        rw = reader_writer_class(file_ending, reader_name)()
+        try:
+            data, props = rw.read_images(images)
+        except ImageReadError as e:
+            return [str(e)], []
+        errors += _finite_problems(data, images)
+        if label is None:
+            return errors, warnings
+        try:
+            seg, seg_props = rw.read_seg(label)
+        except ImageReadError as e:
+            return errors + [str(e)], warnings
+        if tuple(seg.shape[1:]) != tuple(data.shape[1:]):
+            errors.append(f"{label}: label shape {tuple(seg.shape[1:])} differs from image shape "
+                          f"{tuple(data.shape[1:])} ({images[0]})")
+        if not np.allclose(seg_props["spacing"], props["spacing"], rtol=1e-3, atol=1e-5):
+            errors.append(f"{label}: label spacing {tuple(round(float(s), 6) for s in seg_props['spacing'])} differs "
+                          f"from image spacing {tuple(round(float(s), 6) for s in props['spacing'])} ({images[0]})")
+        gi, gs = _geometry(props), _geometry(seg_props)
+        for key in gi:
+            a, b = gi[key], gs.get(key)
+            if a is not None and b is not None and not np.allclose(np.asarray(a, float), np.asarray(b, float),
+                                                                   atol=1e-4):
+                warnings.append(f"{label}: label {key} {np.round(np.asarray(b, float), 4).tolist()} differs from "
+                                f"image {key} {np.round(np.asarray(a, float), 4).tolist()} ({images[0]}); "
+                                f"check that image and label belong together")
+        found = np.unique(seg)
+        unexpected = [v for v in found.tolist() if v not in expected_labels]
+        if unexpected:
+            shown = [int(v) if float(v).is_integer() else float(v) for v in unexpected]
+            errors.append(f"{label}: label values {shown} are not in dataset.json 'labels' "
+                          f"(expected a subset of {sorted(expected_labels)})")
+    except Exception as e:  # anything unexpected is still reported as a line about this case
+        errors.append(f"{images[0] if images else case}: checking case {case} failed ({type(e).__name__}: {e})")
+    return errors, warnings
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods and os.name == "posix" else "spawn")
+
+
+def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, progress: bool = True) -> IntegrityReport:
+    """Check a raw dataset; see the module docstring for what counts as an error or a warning."""
+    folder = Path(raw_folder)
+    report = IntegrityReport()
+    if not folder.is_dir():
+        report.errors.append(f"{folder}: dataset folder not found")
+        return report
+    dj_path = folder / "dataset.json"
+    if not dj_path.is_file():
+        report.errors.append(f"{dj_path}: dataset.json not found")
+        return report
+    try:
+        dj = load_json(dj_path)
+    except ValueError as e:
+        report.errors.append(str(e))
+        return report
+    if not isinstance(dj, dict):
+        report.errors.append(f"{dj_path}: must hold a JSON object")
+        return report
+    problems = validate_dataset_json(dj, str(dj_path))
+    if problems:
+        report.errors.extend(problems)
+        return report
+    try:
+        reader_name = dj.get("overwrite_image_reader_writer")
+        reader_writer_class(dj["file_ending"], reader_name)
+    except ValueError as e:
+        report.errors.append(f"{dj_path}: {e}")
+        return report
+
+    labeled, unlabeled = _structure(folder, dj, report)
+    if not report.errors:  # safety net: RawDataset must agree that the layout is usable
+        try:
+            RawDataset(folder)
+        except DatasetError as e:
+            report.errors.extend(str(e).splitlines())
+    expected = set(label_values(dj))
+    jobs = [(c, d["images"], d["label"], dj["file_ending"], reader_name, expected) for c, d in labeled.items()]
+    jobs += [(c, imgs, None, dj["file_ending"], reader_name, expected) for c, imgs in unlabeled.items()]
+    results = []
+    if num_processes > 1 and len(jobs) > 1:
+        with _pool_context().Pool(min(num_processes, len(jobs))) as pool:
+            for r in tqdm(pool.imap(_check_case, jobs, chunksize=4), total=len(jobs), disable=not progress,
+                          desc="verify dataset"):
+                results.append(r)
+    else:
+        results = [_check_case(j) for j in tqdm(jobs, disable=not progress, desc="verify dataset")]
+    for errs, warns in results:
+        report.errors.extend(errs)
+        report.warnings.extend(warns)
+    return report
+
+
+def verify_dataset_integrity(raw_folder: str | os.PathLike, num_processes: int = 2) -> list[str]:
+    """Errors found in a raw dataset, one line each (empty when the dataset is usable)."""
+    return integrity_report(raw_folder, num_processes).errors
