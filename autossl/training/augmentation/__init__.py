@@ -1,0 +1,1 @@
+"""Training-time augmentation: weak (spatial + mirror) and strong (intensity-only) pipelines."""
