@@ -27,11 +27,11 @@ def _uniform(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=gen).item())
 
 
-def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+def device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded from ``gen`` (tensors drawn where they are used)."""
     if torch.device(device).type == gen.device.type:
         return gen
-    seed = int(torch.randint(0, 2 ** 62, (), generator=gen).item())
+    seed = int(torch.randint(0, 2 ** 62, (), generator=gen, device=gen.device).item())
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
@@ -198,7 +198,7 @@ class StrongIntensityAugment:
             cpu = torch.Generator()
             cpu.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=g, device=g.device).item()))
             g = cpu
-        gd = _device_generator(g, x.device)
+        gd = device_generator(g, x.device)
         out = []
         for b in range(x.shape[0]):
             sample = x[b].float()

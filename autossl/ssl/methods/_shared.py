@@ -1,0 +1,59 @@
+"""Small helpers shared by the method plug-ins in this folder (no method is registered here)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from autossl.ssl.context import TrainingContext
+from autossl.ssl.ramps import sigmoid_rampup
+from autossl.training.augmentation.strong import device_generator
+
+
+def cpu_generator(ctx: TrainingContext) -> torch.Generator:
+    """A CPU generator for the method's scalar draws (boxes, choices): ``ctx.rng`` when it is a
+    CPU generator, else one seeded from it (deterministic), else torch's default generator."""
+    g = ctx.rng
+    if g is None:
+        return torch.default_generator
+    if g.device.type == "cpu":
+        return g
+    cpu = torch.Generator()
+    cpu.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=g, device=g.device).item()))
+    return cpu
+
+
+def randn_like(x: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` drawn from ``ctx.rng`` (on ``x``'s device)."""
+    if ctx.rng is None:
+        return torch.randn_like(x)
+    g = device_generator(ctx.rng, x.device)
+    return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+
+def input_noise(x: torch.Tensor, ctx: TrainingContext, std: float = 0.1, clip: float = 0.2) -> torch.Tensor:
+    """Mean-teacher input noise clamp(N(0, std^2), -clip, clip)."""
+    return torch.clamp(randn_like(x, ctx) * std, -clip, clip)
+
+
+def split_output(output: Any, n: int) -> tuple[Any, Any]:
+    """Split a network output (a tensor or a deep-supervision list) along the batch at ``n``."""
+    if isinstance(output, (list, tuple)):
+        return [o[:n] for o in output], [o[n:] for o in output]
+    return output[:n], output[n:]
+
+
+def ramp_weight(lambda_max: float, rampup_fraction: float, ctx: TrainingContext) -> float:
+    """λ(t) = λ_max · sigmoid_rampup(t, T), T = ``rampup_fraction`` of the run (0: no ramp)."""
+    steps = int(round(rampup_fraction * ctx.total_steps))
+    return lambda_max * sigmoid_rampup(ctx.step, steps)
+
+
+def has_unlabeled(unlabeled: dict | None) -> bool:
+    return unlabeled is not None and unlabeled.get("data") is not None and unlabeled["data"].shape[0] > 0
+
+
+def check_choice(method: str, key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"--ssl {method}: option {key}={value!r} must be one of {', '.join(allowed)}")
+    return value

@@ -1,0 +1,121 @@
+"""Cross pseudo supervision (Chen et al., CVPR 2021).
+
+Two networks of the same architecture with different initialisations see the same batch;
+L = L_s(f1) + L_s(f2) + λ (CE(p1, ŷ2) + CE(p2, ŷ1)), ŷ the other network's hard argmax (no
+gradient), on the labelled and the unlabelled images; λ = 1.5 as in the paper.
+
+CutMix variant (``cps_cutmix`` or ``--ssl-opt cutmix=true``): each unlabelled image is mixed
+with another one under a random box mask M; the pseudo-label of the mix is the same mix, under
+M, of each network's pseudo-labels of the two unmixed sources (computed without gradient).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from autossl.ssl.base import NetworkSpec, SSLMethod
+from autossl.ssl.context import TrainingContext, main_output
+from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.registry import register
+from autossl.training.augmentation.strong import box_mask
+from autossl.training.losses import ce_loss
+
+
+def hard_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax pseudo-label (B, 1, *spatial), detached."""
+    return logits.detach().argmax(1, keepdim=True)
+
+
+def cross_pseudo_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
+    """CE(p1, argmax p2) + CE(p2, argmax p1); no gradient flows into the pseudo-labels."""
+    return ce_loss(logits1, hard_labels(logits2)) + ce_loss(logits2, hard_labels(logits1))
+
+
+def cutmix_pairs(x: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """Mix each sample i with sample ``partner[i]`` of ``x`` where ``mask`` is 1:
+    x[i]·(1 - M_i) + x[partner[i]]·M_i (images) or the same selection for integer labels."""
+    if x.dtype.is_floating_point:
+        return x * (1 - mask.to(x.dtype)) + x[partner] * mask.to(x.dtype)
+    return torch.where(mask.bool(), x[partner], x)
+
+
+@register("cps")
+class CPS(SSLMethod):
+    """Options: lambda (1.5), rampup (0.0 = constant λ; a fraction of the run ramps it with the
+    sigmoid ramp-up), cutmix (false), cutmix_min / cutmix_max (0.25 / 0.5: share of the patch the
+    box covers), inference (both|cnn1|cnn2)."""
+
+    scalars = ("loss_sup", "loss_unsup", "ramp_weight", "agreement")
+    default_unlabeled_ratio = 1.0
+    default_cutmix = False
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.lambda_max = self.option("lambda", 1.5)
+        self.rampup = self.option("rampup", 0.0)
+        self.cutmix = self.option("cutmix", self.default_cutmix)
+        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
+        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
+            raise ValueError(f"--ssl {self.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        self.inference = check_choice(self.name, "inference", self.option("inference", "both"), ("both", "cnn1", "cnn2"))
+
+    def network_specs(self) -> list[NetworkSpec]:
+        return [NetworkSpec("cnn1"), NetworkSpec("cnn2", seed_offset=1)]
+
+    def inference_networks(self) -> list[str]:
+        return ["cnn1", "cnn2"] if self.inference == "both" else [self.inference]
+
+    def mixed_batch(self, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext):
+        """CutMix the unlabelled images; returns (mixed images, pseudo-labels of net1, of net2).
+
+        Partners are the next unlabelled image; with a single unlabelled image its partner is
+        the first labelled image (whose pseudo-labels, like all here, come from the networks)."""
+        pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
+        n_u = x_u.shape[0]
+        with torch.no_grad(), ctx.autocast():
+            y1 = hard_labels(main_output(ctx.networks["cnn1"](pool)))
+            y2 = hard_labels(main_output(ctx.networks["cnn2"](pool)))
+        mask = box_mask(n_u, x_u.shape[2:], self.cutmix_fraction, cpu_generator(ctx), x_u.device)
+        partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
+        full_mask = torch.cat([mask, mask.new_zeros((pool.shape[0] - n_u, *mask.shape[1:]))])
+        full_partner = torch.cat([partner, torch.arange(n_u, pool.shape[0], device=x_u.device)])
+        return tuple(cutmix_pairs(t, full_mask, full_partner)[:n_u] for t in (pool, y1, y2))
+
+    def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        net1, net2 = ctx.networks["cnn1"], ctx.networks["cnn2"]
+        x_l = labeled["data"]
+        n_l = x_l.shape[0]
+        use_u = has_unlabeled(unlabeled)
+        pseudo1 = pseudo2 = None
+        if use_u and self.cutmix:
+            x_u, pseudo1, pseudo2 = self.mixed_batch(unlabeled["data"], x_l, ctx)
+        else:
+            x_u = unlabeled["data"] if use_u else x_l[:0]
+        x = torch.cat([x_l, x_u])
+        with ctx.autocast():
+            out1, out2 = net1(x), net2(x)
+        out1_l, _ = split_output(out1, n_l)
+        out2_l, _ = split_output(out2, n_l)
+        loss_sup = ctx.supervised_loss(out1_l, labeled["target"]) + ctx.supervised_loss(out2_l, labeled["target"])
+        m1, m2 = main_output(out1), main_output(out2)
+        if pseudo1 is None:
+            loss_unsup = cross_pseudo_loss(m1, m2)
+        else:  # labelled part: each other's argmax; mixed part: the mixed pseudo-labels
+            target_for_1 = torch.cat([hard_labels(m2[:n_l]), pseudo2])
+            target_for_2 = torch.cat([hard_labels(m1[:n_l]), pseudo1])
+            loss_unsup = ce_loss(m1, target_for_1) + ce_loss(m2, target_for_2)
+        weight = ramp_weight(self.lambda_max, self.rampup, ctx)
+        agree_on = slice(n_l, None) if use_u else slice(None)
+        ctx.log("agreement", (m1[agree_on].argmax(1) == m2[agree_on].argmax(1)).float().mean())
+        ctx.log("loss_sup", loss_sup)
+        ctx.log("loss_unsup", loss_unsup)
+        ctx.log("ramp_weight", weight)
+        yield loss_sup + weight * loss_unsup
+
+
+@register("cps_cutmix")
+class CPSCutMix(CPS):
+    """CPS with CutMix on the unlabelled images (same options as ``cps``; cutmix defaults to true)."""
+
+    default_cutmix = True

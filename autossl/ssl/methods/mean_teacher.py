@@ -1,0 +1,80 @@
+"""Mean Teacher (Tarvainen & Valpola, NeurIPS 2017), as in SSL4MIS.
+
+A student is trained with L_s on labelled patches plus λ(t)·MSE(softmax student, softmax
+teacher) on unlabelled patches, each network seeing its own input noise
+n = clamp(N(0, 0.1²), -0.2, 0.2); the teacher is an EMA of the student,
+α = min(1 - 1/(t+1), 0.99). The teacher predicts at test time (``inference=student`` to change).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from autossl.ssl.base import NetworkSpec, SSLMethod
+from autossl.ssl.context import TrainingContext, main_output
+from autossl.ssl.ema import ema_update
+from autossl.ssl.methods._shared import check_choice, has_unlabeled, input_noise, ramp_weight, split_output
+from autossl.ssl.registry import register
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """SSL4MIS's α = min(1 - 1/(t+1), max_decay): the teacher follows the student closely early on."""
+    return min(1.0 - 1.0 / (step + 1), max_decay)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-voxel, per-class squared difference of the two softmax outputs (B, C, *spatial)."""
+    return (torch.softmax(student_logits.float(), 1) - torch.softmax(teacher_logits.float(), 1)) ** 2
+
+
+@register("mean_teacher")
+class MeanTeacher(SSLMethod):
+    """Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0, fraction of the run),
+    ema_decay (0.99), noise_std (0.1), noise_clip (0.2), inference (teacher|student)."""
+
+    scalars = ("loss_sup", "loss_unsup", "ramp_weight")
+    default_unlabeled_ratio = 1.0
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.lambda_max = self.option("lambda", 0.1)
+        self.rampup = self.option("rampup", 1.0)
+        self.max_decay = self.option("ema_decay", 0.99)
+        self.noise_std = self.option("noise_std", 0.1)
+        self.noise_clip = self.option("noise_clip", 0.2)
+        self.inference = check_choice(self.name, "inference", self.option("inference", "teacher"), ("teacher", "student"))
+
+    def network_specs(self) -> list[NetworkSpec]:
+        return [NetworkSpec("student"), NetworkSpec("teacher", trainable=False, copy_of="student")]
+
+    def inference_networks(self) -> list[str]:
+        return [self.inference]
+
+    def noisy(self, x: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
+        return x + input_noise(x, ctx, self.noise_std, self.noise_clip)
+
+    def consistency(self, student_logits: torch.Tensor, x_u: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
+        """The unsupervised term for the student's unlabelled logits; ``x_u`` is the clean batch."""
+        with torch.no_grad(), ctx.autocast():
+            teacher_logits = main_output(ctx.networks["teacher"](self.noisy(x_u, ctx)))
+        return softmax_mse(student_logits, teacher_logits).mean()
+
+    def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        student = ctx.networks["student"]
+        x_l = labeled["data"]
+        n_l = x_l.shape[0]
+        use_u = has_unlabeled(unlabeled)
+        x = torch.cat([x_l, self.noisy(unlabeled["data"], ctx)]) if use_u else x_l
+        with ctx.autocast():
+            out_l, out_u = split_output(student(x), n_l)
+        loss_sup = ctx.supervised_loss(out_l, labeled["target"])
+        weight = ramp_weight(self.lambda_max, self.rampup, ctx)
+        loss_unsup = self.consistency(main_output(out_u), unlabeled["data"], ctx) if use_u else loss_sup.new_zeros(())
+        ctx.log("loss_sup", loss_sup)
+        ctx.log("loss_unsup", loss_unsup)
+        ctx.log("ramp_weight", weight)
+        yield loss_sup + weight * loss_unsup
+
+    def after_optimizer_step(self, ctx: TrainingContext) -> None:
+        ema_update(ctx.networks["teacher"], [ctx.networks["student"]], ema_decay(ctx.step, self.max_decay))
