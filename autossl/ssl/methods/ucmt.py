@@ -1,0 +1,194 @@
+"""UCMT: uncertainty-guided collaborative mean teacher (Shen et al., IJCAI 2023; code Senyh/UCMT).
+
+Two students (same CNN, different initialisation) and a teacher that is, after every optimiser
+step, an EMA (decay 0.99) of the mean of both students' weights. Each iteration has two
+optimiser steps (two yielded losses):
+
+1. CMT. Student i sees its own augmented view v_i of the labelled + unlabelled batch, the
+   teacher the plain batch. L = ½[L_s(s1) + L_s(s2)] + w·λ(t)·(L_x + L_u),
+   L_x = ½[Dice(p_s1(u), ŷ_s2(u)) + Dice(p_s2(u), ŷ_s1(u))],
+   L_u = ½[Dice(p_s1(u), ŷ_t(u)) + Dice(p_s2(u), ŷ_t(u))], w = 0.1, ŷ hard argmax (detached).
+2. UMIX. Uncertainty map of student i = entropy of mean(p_si, p_t) (step-1 predictions).
+   ``autossl.ssl.umix.umix`` swaps the k most uncertain blocks of student 1's map with the k
+   most certain of student 2's (and vice versa) within each image of student 1's view; the
+   labels (labelled images) and the teacher's pseudo-labels (unlabelled) move identically.
+   Both students, already updated by step 1, are trained on the mixed batch with the same
+   terms (pseudo-labels of L_x recomputed on the mixed images, L_u against the mixed teacher
+   pseudo-label).
+
+Choices (documented in documentation/ssl_methods.md):
+* L_s is the backbone's Dice + CE with deep supervision (the UCMT code uses Dice); the
+  unsupervised Dice is per sample, background included (the code's DSCLoss).
+* Views: ``views=blur`` (default) = two independent draws of the code's 3D augmentation
+  (Gaussian blur, p 0.8, σ ~ U(0.1, 2) voxels); ``views=strong`` = two draws of the trainer's
+  strong intensity augmentation (ctx.strong_augment).
+* Deep supervision for mixed labelled samples: the mixed full-resolution label is downsampled
+  (nearest) to every output scale.
+* Grid: 8 blocks per axis in 3D (the 3D code), 16 in 2D (the 2D code's 256/16-pixel blocks);
+  k = 2.
+* λ: sigmoid ramp over ``rampup`` = 0.2 of the run (the 2D code: 5 of 25 epochs).
+
+Options: weight (0.1), rampup (0.2), ema_decay (0.99), grid (0 = auto), topk (2), umix (true),
+views (blur|strong), predict (teacher|students).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from autossl.ssl.base import NetworkSpec, SSLMethod
+from autossl.ssl.context import TrainingContext, main_output, main_target
+from autossl.ssl.ema import ema_update
+from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.registry import register
+from autossl.ssl.umix import umix
+from autossl.training.augmentation.strong import gaussian_blur
+from autossl.training.losses import soft_dice_loss
+
+
+def ucmt_dice(logits: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """UCMT's DSCLoss (Dice part): per sample, background included, against a hard label."""
+    return soft_dice_loss(logits, pseudo, batch_dice=False, do_bg=True)
+
+
+def mean_entropy_uncertainty(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
+    """Entropy (B, 1, *spatial) of the mean of two probability maps (UCMT's uncertainty)."""
+    m = 0.5 * (p_a + p_b)
+    return -(m * torch.log(m + 1e-6)).sum(1, keepdim=True)
+
+
+def target_pyramid(full: torch.Tensor, like: Any) -> Any:
+    """Deep-supervision targets for a full-resolution map: nearest downsampling to every scale of
+    ``like`` (a list of targets, highest resolution first); a single tensor stays as it is."""
+    if not isinstance(like, (list, tuple)):
+        return full
+    out = []
+    for t in like:
+        if tuple(t.shape[2:]) == tuple(full.shape[2:]):
+            out.append(full.to(t.dtype))
+        else:
+            out.append(F.interpolate(full.float(), size=t.shape[2:], mode="nearest").to(t.dtype))
+    return out
+
+
+def blur_view(x: torch.Tensor, gen: torch.Generator, p: float = 0.8, sigma=(0.1, 2.0)) -> torch.Tensor:
+    """The UCMT 3D code's student augmentation: per sample, Gaussian blur with probability ``p``."""
+    out = []
+    for b in range(x.shape[0]):
+        s = float(sigma[0] + (sigma[1] - sigma[0]) * torch.rand((), generator=gen).item())
+        if float(torch.rand((), generator=gen).item()) < p:
+            out.append(gaussian_blur(x[b].float(), s).to(x.dtype))
+        else:
+            out.append(x[b])
+    return torch.stack(out)
+
+
+@register("ucmt")
+class UCMT(SSLMethod):
+    scalars = ("loss_sup", "loss_x", "loss_u", "loss_umix", "ramp_weight", "agreement", "teacher_confidence")
+    default_unlabeled_ratio = 1.0  # the code: 4 labelled + 4 unlabelled (3D)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.weight = self.option("weight", 0.1)
+        self.rampup = self.option("rampup", 0.2)
+        self.ema_decay = self.option("ema_decay", 0.99)
+        self.grid = self.option("grid", 0)
+        self.topk = self.option("topk", 2)
+        self.use_umix = self.option("umix", True)
+        self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong"))
+        self.predict = check_choice(self.name, "predict", self.option("predict", "teacher"), ("teacher", "students"))
+        if not 0 <= self.ema_decay <= 1 or self.grid < 0 or self.topk < 0 or self.weight < 0 or self.rampup < 0:
+            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay <= 1 and grid, topk, weight, rampup >= 0; got "
+                             f"ema_decay={self.ema_decay}, grid={self.grid}, topk={self.topk}, "
+                             f"weight={self.weight}, rampup={self.rampup}")
+
+    # ----------------------------------------------------------------- networks
+    def network_specs(self) -> list[NetworkSpec]:
+        return [NetworkSpec("student1"), NetworkSpec("student2", seed_offset=1),
+                NetworkSpec("teacher", trainable=False, copy_of="student1")]
+
+    def inference_networks(self) -> list[str]:
+        return ["teacher"] if self.predict == "teacher" else ["student1", "student2"]
+
+    def setup(self, ctx: TrainingContext) -> None:
+        for p in ctx.networks["teacher"].parameters():
+            p.requires_grad_(False)
+
+    def after_optimizer_step(self, ctx: TrainingContext) -> None:
+        n = ctx.networks
+        ema_update(n["teacher"], [n["student1"], n["student2"]], self.ema_decay)
+
+    # ----------------------------------------------------------------- helpers
+    def grid_for(self, n_spatial: int) -> int:
+        return self.grid if self.grid > 0 else (8 if n_spatial == 3 else 16)
+
+    def student_views(self, x: torch.Tensor, ctx: TrainingContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.views == "strong":
+            return ctx.strong_augment(x), ctx.strong_augment(x)
+        gen = cpu_generator(ctx)
+        return blur_view(x, gen), blur_view(x, gen)
+
+    def _losses(self, out1, out2, target_l, pseudo_t: torch.Tensor | None, n_l: int, ctx: TrainingContext):
+        """(L_sup, L_x, L_u, student agreement) for two students' outputs on a labelled + unlabelled batch."""
+        o1_l, _ = split_output(out1, n_l)
+        o2_l, _ = split_output(out2, n_l)
+        loss_sup = 0.5 * (ctx.supervised_loss(o1_l, target_l) + ctx.supervised_loss(o2_l, target_l))
+        if pseudo_t is None:
+            zero = loss_sup.new_zeros(())
+            return loss_sup, zero, zero, None
+        m1, m2 = main_output(out1)[n_l:], main_output(out2)[n_l:]
+        y1, y2 = m1.detach().argmax(1, keepdim=True), m2.detach().argmax(1, keepdim=True)
+        loss_x = 0.5 * (ucmt_dice(m1, y2) + ucmt_dice(m2, y1))
+        loss_u = 0.5 * (ucmt_dice(m1, pseudo_t) + ucmt_dice(m2, pseudo_t))
+        agreement = (y1 == y2).float().mean()
+        return loss_sup, loss_x, loss_u, agreement
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        s1, s2, teacher = ctx.networks["student1"], ctx.networks["student2"], ctx.networks["teacher"]
+        x_l, target_l = labeled["data"], labeled["target"]
+        n_l = x_l.shape[0]
+        use_u = has_unlabeled(unlabeled)
+        x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
+
+        # ---- step 1: collaborative mean teacher
+        v1, v2 = self.student_views(x, ctx)
+        with ctx.autocast():
+            out1, out2 = s1(v1), s2(v2)
+        with torch.no_grad(), ctx.autocast():
+            p_t = torch.softmax(main_output(teacher(x)).float(), 1)
+        pseudo_t = p_t[n_l:].argmax(1, keepdim=True) if use_u else None
+        weight = self.weight * ramp_weight(1.0, self.rampup, ctx)
+        loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx)
+        ctx.log("loss_sup", loss_sup)
+        ctx.log("ramp_weight", weight)
+        if use_u:
+            ctx.log("loss_x", loss_x)
+            ctx.log("loss_u", loss_u)
+            ctx.log("agreement", agreement)
+            ctx.log("teacher_confidence", p_t[n_l:].amax(1).mean())
+        with torch.no_grad():
+            p1 = torch.softmax(main_output(out1).detach().float(), 1)
+            p2 = torch.softmax(main_output(out2).detach().float(), 1)
+        del out1, out2
+        yield loss_sup + weight * (loss_x + loss_u)
+
+        if not self.use_umix:
+            return
+        # ---- step 2: UMIX on student 1's view, students updated by step 1
+        with torch.no_grad():
+            unc1, unc2 = mean_entropy_uncertainty(p1, p_t), mean_entropy_uncertainty(p2, p_t)
+            full_target = main_target(target_l).to(torch.long)
+            if use_u:
+                full_target = torch.cat([full_target, pseudo_t.to(torch.long)])
+            mixed_x, mixed_t = umix(v1, full_target, unc1, unc2, self.grid_for(x.ndim - 2), self.topk)
+        with ctx.autocast():
+            q1, q2 = s1(mixed_x), s2(mixed_x)
+        mixed_target_l = target_pyramid(mixed_t[:n_l], target_l)
+        loss_sup2, loss_x2, loss_u2, _ = self._losses(q1, q2, mixed_target_l, mixed_t[n_l:] if use_u else None, n_l, ctx)
+        loss_umix = loss_sup2 + weight * (loss_x2 + loss_u2)
+        ctx.log("loss_umix", loss_umix)
+        yield loss_umix
