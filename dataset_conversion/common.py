@@ -10,10 +10,11 @@ import argparse
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -117,6 +118,20 @@ def prepare_output(layout: Layout, overwrite: bool) -> None:
                 folder.unlink()
     for folder, _ in folders:
         folder.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def writing_output(layout: Layout, overwrite: bool) -> Iterator[None]:
+    """``prepare_output``, then remove the output folders again if the conversion fails,
+    so that a failed run leaves no partial dataset behind."""
+    prepare_output(layout, overwrite)
+    try:
+        yield
+    except BaseException:
+        for folder in (layout.folder, layout.test_labels, layout.val_labels):
+            if folder is not None and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- reading / writing

@@ -16,8 +16,8 @@ import SimpleITK as sitk
 
 from dataset_conversion.common import (
     CLI_ERRORS, FILE_ENDING, ConversionError, Layout, Split, add_common_arguments, copy_file, default_labels_folder,
-    generate_dataset_json, load_split, prepare_output, read_image, resolve_output_folder, run_jobs,
-    split_channels, summary, verify_output, write_image,
+    generate_dataset_json, load_split, read_image, resolve_output_folder, run_jobs,
+    split_channels, summary, verify_output, writing_output, write_image,
 )
 from autossl.utilities.file_io import load_json
 
@@ -170,13 +170,13 @@ def convert_msd(task_folder: str | Path, dataset_id: int | None = None, name: st
         expected = {"labeled": list(training), "test": list(msd_test)}
         extra = {"numUnlabeled": 0, "numTest": len(msd_test)}
 
-    prepare_output(layout, overwrite)
-    run_jobs(convert_case, jobs, num_processes, desc=f"{task_folder.name} -> {out.name}")
-    keep = {k: dj[k] for k in ("description", "reference", "licence", "release", "tensorImageSize") if k in dj}
-    generate_dataset_json(out, {str(k): v for k, v in dj["modality"].items()}, msd_labels(dj),
-                          len(expected["labeled"]), FILE_ENDING, name=name, **extra, **keep,
-                          converted_from=str(task_folder.resolve()), converter="autossl_convert_msd")
-    ds = verify_output(layout, expected)
+    with writing_output(layout, overwrite):
+        run_jobs(convert_case, jobs, num_processes, desc=f"{task_folder.name} -> {out.name}")
+        keep = {k: dj[k] for k in ("description", "reference", "licence", "release", "tensorImageSize") if k in dj}
+        generate_dataset_json(out, {str(k): v for k, v in dj["modality"].items()}, msd_labels(dj),
+                              len(expected["labeled"]), FILE_ENDING, name=name, **extra, **keep,
+                              converted_from=str(task_folder.resolve()), converter="autossl_convert_msd")
+        ds = verify_output(layout, expected)
     print(summary(layout, ds))
     return out
 
