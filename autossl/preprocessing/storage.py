@@ -74,15 +74,15 @@ def list_cases(folder: str | os.PathLike) -> list[str]:
     return sorted(f.name[:-4] for f in folder.iterdir() if f.name.endswith(".pkl") and not f.name.startswith("."))
 
 
-def load_case(folder: str | os.PathLike, case: str, mmap: bool = True):
+def load_case(folder: str | os.PathLike, case: str, mmap: bool = True, load_seg: bool = True):
     """Return (data, seg or None, properties). With ``mmap`` the arrays are blosc2 NDArrays
-    (slice them to read); otherwise numpy arrays."""
+    (slice them to read); otherwise numpy arrays. ``load_seg=False`` never opens a seg file."""
     folder = Path(folder)
     props = load_pickle(folder / f"{case}.pkl")
     dparams = {"nthreads": 1}
     data = blosc2.open(str(folder / f"{case}.b2nd"), mode="r", dparams=dparams)
     seg_path = folder / f"{case}_seg.b2nd"
-    seg = blosc2.open(str(seg_path), mode="r", dparams=dparams) if seg_path.is_file() else None
+    seg = blosc2.open(str(seg_path), mode="r", dparams=dparams) if load_seg and seg_path.is_file() else None
     if not mmap:
         data = data[:]
         seg = seg[:] if seg is not None else None

@@ -37,6 +37,8 @@ class TrainingContext:
     #: self-training: hand pseudo-labels {case: seg (1, *spatial), int, -1 = ignore} to the
     #: unlabelled loader; later unlabelled batches then carry "target"
     set_pseudo_labels: Callable[[dict], None] | None = None
+    #: names of the preprocessed unlabelled cases (what ``predict_unlabeled`` accepts)
+    unlabeled_cases: list[str] = field(default_factory=list)
     step: int = 0                           # optimiser steps done so far in the run
     rng: torch.Generator | None = None      # seeded generator for the method's own randomness
     _logged: dict[str, list[float]] = field(default_factory=dict)
