@@ -1,0 +1,253 @@
+"""Cross teaching, UCMT, UMIX and Primus2D: unit tests, then end-to-end runs through the CLI."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autossl.networks.build import build_network
+from autossl.networks.transformer2d import Primus2D
+from autossl.ssl.context import TrainingContext
+from autossl.ssl.ema import ema_update
+from autossl.ssl.methods.cross_teaching import CrossTeaching, ct_dice, cross_teaching_terms
+from autossl.ssl.methods.ucmt import UCMT, mean_entropy_uncertainty, target_pyramid
+from autossl.ssl.registry import create_method
+from autossl.ssl.umix import umix, umix_indices
+from autossl.training.losses import SupervisedLoss
+
+
+# ----------------------------------------------------------------------------- helpers
+def _ctx(networks, total_steps=10, step=0):
+    return TrainingContext(networks=networks, total_steps=total_steps, num_classes=3, device=torch.device("cpu"),
+                           supervised_loss=SupervisedLoss(), strong_augment=lambda x: x + 0.1,
+                           rng=torch.Generator().manual_seed(0), step=step)
+
+
+class TinyDS(nn.Module):
+    """A two-scale 'deep supervision' CNN stand-in: full-resolution and half-resolution logits."""
+
+    def __init__(self, seed: int, dim: int = 2):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        self.head = conv(1, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in self.head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.pool = nn.AvgPool2d(2) if dim == 2 else nn.AvgPool3d(2)
+
+    def forward(self, x):
+        y = self.head(x)
+        return [y, self.pool(y)]
+
+
+def _batch(dim=2, n=2, side=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (side,) * dim
+    t = torch.randint(0, 3, (n, 1, *shape), generator=g)
+    half = t[(slice(None), slice(None)) + (slice(None, None, 2),) * dim]
+    lab = {"data": torch.randn(n, 1, *shape, generator=g), "target": [t, half], "keys": [f"l{i}" for i in range(n)]}
+    unl = {"data": torch.randn(n, 1, *shape, generator=g), "keys": [f"u{i}" for i in range(n)]}
+    return lab, unl
+
+
+# ----------------------------------------------------------------------------- cross teaching
+def test_cross_teaching_terms_use_other_argmax_without_gradient():
+    g = torch.Generator().manual_seed(1)
+    cnn = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    vit = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    l_cnn, l_vit = cross_teaching_terms(cnn, vit)
+    y_vit, y_cnn = vit.argmax(1, keepdim=True), cnn.argmax(1, keepdim=True)
+    assert torch.allclose(l_cnn, ct_dice(cnn, y_vit)) and torch.allclose(l_vit, ct_dice(vit, y_cnn))
+    assert not torch.allclose(l_cnn, ct_dice(cnn, y_cnn))  # not its own argmax
+    l_cnn.backward()
+    assert vit.grad is None  # the pseudo-label source gets no gradient from this term
+    assert cnn.grad is not None and cnn.grad.abs().sum() > 0
+    cnn.grad = None
+    l_vit.backward()
+    assert cnn.grad is None and vit.grad.abs().sum() > 0
+
+
+def test_cross_teaching_step_matches_formula_and_options():
+    torch.manual_seed(0)
+    cnn, vit = TinyDS(0), nn.Conv2d(1, 3, 3, padding=1)
+    lab, unl = _batch()
+    method = create_method("cross_teaching", rampup="0.5")
+    assert isinstance(method, CrossTeaching)
+    assert [s.arch for s in method.network_specs()] == ["cnn", "transformer"]
+    ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)  # end of the ramp: λ = 0.1
+    losses = list(method.training_step(lab, unl, ctx))
+    assert len(losses) == 1
+    with torch.no_grad():
+        x = torch.cat([lab["data"], unl["data"]])
+        oc, ov = cnn(x), vit(x)
+        sup = 0.5 * SupervisedLoss()([o[:2] for o in oc], lab["target"]) + 0.5 * SupervisedLoss()(ov[:2], lab["target"])
+        ct = ct_dice(oc[0][2:], ov[2:].argmax(1, keepdim=True)) + ct_dice(ov[2:], oc[0][2:].argmax(1, keepdim=True))
+    assert torch.allclose(losses[0].detach(), sup + 0.1 * ct, atol=1e-5)
+    logged = ctx.pop_logged()
+    assert set(CrossTeaching.scalars) <= set(logged)
+    assert logged["ramp_weight"] == pytest.approx(0.1)
+    agree = (oc[0][2:].argmax(1) == ov[2:].argmax(1)).float().mean().item()
+    assert logged["agreement"] == pytest.approx(agree)
+    assert create_method("cross_teaching").inference_networks() == ["cnn"]
+    assert create_method("cross_teaching", predict="both").inference_networks() == ["cnn", "transformer"]
+    assert create_method("cross_teaching", predict="transformer").inference_networks() == ["transformer"]
+    with pytest.raises(ValueError, match="ct_loss"):
+        create_method("cross_teaching", ct_loss="mse")
+
+
+# ----------------------------------------------------------------------------- UMIX
+def test_umix_2d_swaps_expected_blocks():
+    img = torch.arange(2 * 2 * 8 * 8, dtype=torch.float32).reshape(2, 2, 8, 8)
+    tgt = (torch.arange(8 * 8).reshape(1, 1, 8, 8) % 5).repeat(2, 1, 1, 1)
+    ua, ub = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)  # grid 4 -> 2x2 blocks, 16 blocks
+    # sample 0: A uncertain at blocks (0,0) > (0,1); B certain at (2,2) < (3,3) ...
+    ua[0, :, 0:2, 0:2], ua[0, :, 0:2, 2:4] = 9, 8           # A: most uncertain 0, then 1
+    ua[0, :, 6:8, 6:8], ua[0, :, 6:8, 4:6] = -9, -8         # A: most certain 15, then 14
+    ub[0, :, 2:4, 0:2], ub[0, :, 2:4, 2:4] = 9, 8           # B: most uncertain 4, then 5
+    ub[0, :, 4:6, 4:6], ub[0, :, 4:6, 6:8] = -9, -8         # B: most certain 10, then 11
+    # sample 1: only one clear block each (k=2 uses the stable order for ties)
+    ua[1, :, 2:4, 2:4] = 5
+    ub[1, :, 4:6, 0:2] = 5
+    ua_i, ub_c, ub_i, ua_c = umix_indices(ua, ub, 4, 2)
+    assert ua_i[0].tolist() == [0, 1] and ub_c[0].tolist() == [11, 10]
+    assert ub_i[0].tolist() == [4, 5] and ua_c[0].tolist() == [14, 15]
+    mi, mt = umix(img, tgt, ua, ub, grid=4, k=2)
+
+    def blk(t, s, i):
+        r, c = divmod(i, 4)
+        return t[s, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+
+    expected_moves = {0: 11, 1: 10, 4: 14, 5: 15}  # destination block <- source block (sample 0)
+    for dst in range(16):
+        src = expected_moves.get(dst, dst)
+        assert torch.equal(blk(mi, 0, dst), blk(img, 0, src)), dst
+        assert torch.equal(blk(mt, 0, dst), blk(tgt, 0, src)), dst
+    # sample 1, ties broken by block order: A's uncertain [5, 0], certain [14, 15]; B's uncertain
+    # [8, 0], certain [14, 15]; block 0 is in both uncertain sets and B's write comes last (15 either way)
+    moved1 = [i for i in range(16) if not torch.equal(blk(mi, 1, i), blk(img, 1, i))]
+    assert moved1 == [0, 5, 8]
+    for dst, src in {5: 14, 0: 15, 8: 14}.items():
+        assert torch.equal(blk(mi, 1, dst), blk(img, 1, src)) and torch.equal(blk(mt, 1, dst), blk(tgt, 1, src))
+    assert mt.dtype == tgt.dtype and mt.shape == tgt.shape
+    # identity when k = 0; error when 2k exceeds the number of blocks
+    assert torch.equal(umix(img, tgt, ua, ub, 4, 0)[0], img)
+    with pytest.raises(ValueError, match="2k"):
+        umix(img, tgt, ua, ub, grid=2, k=3)
+
+
+def test_umix_3d_swaps_blocks_and_keeps_remainder():
+    img = torch.randn(1, 1, 9, 8, 8, generator=torch.Generator().manual_seed(3))  # 9 = 2*4 + 1 remainder
+    tgt = torch.randint(0, 4, (1, 1, 9, 8, 8), generator=torch.Generator().manual_seed(4))
+    ua, ub = torch.zeros(1, 1, 9, 8, 8), torch.zeros(1, 1, 9, 8, 8)
+    ua[:, :, 0:4, 0:4, 0:4] = 1.0       # block 0 (of 8) most uncertain for A
+    ua[:, :, 4:8, 4:8, 4:8] = -1.0      # block 7 most certain for A
+    ub[:, :, 0:4, 4:8, 0:4] = 1.0       # block 2 most uncertain for B
+    ub[:, :, 4:8, 0:4, 4:8] = -1.0      # block 5 most certain for B
+    mi, (mt, mi_copy) = umix(img, [tgt, img.clone()], ua, ub, grid=2, k=1)
+    assert torch.equal(mi[..., 0:4, 0:4, 0:4], img[..., 4:8, 0:4, 4:8])   # 0 <- B's most certain (5)
+    assert torch.equal(mi[..., 0:4, 4:8, 0:4], img[..., 4:8, 4:8, 4:8])   # 2 <- A's most certain (7)
+    assert torch.equal(mt[..., 0:4, 0:4, 0:4], tgt[..., 4:8, 0:4, 4:8])
+    assert torch.equal(mt[..., 0:4, 4:8, 0:4], tgt[..., 4:8, 4:8, 4:8])
+    assert torch.equal(mi_copy, mi)
+    untouched = torch.ones_like(img, dtype=torch.bool)
+    untouched[..., 0:4, 0:4, 0:4] = False
+    untouched[..., 0:4, 4:8, 0:4] = False
+    assert torch.equal(mi[untouched], img[untouched])  # includes the remainder slice 8
+    assert torch.equal(mt[untouched], tgt[untouched])
+
+
+def test_uncertainty_and_target_pyramid():
+    p = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    q = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    assert torch.allclose(mean_entropy_uncertainty(p, p), torch.zeros(1, 1, 2, 2), atol=1e-4)
+    assert torch.allclose(mean_entropy_uncertainty(p, q), torch.full((1, 1, 2, 2), 0.6931), atol=1e-3)
+    full = torch.arange(16).view(1, 1, 4, 4)
+    like = [torch.zeros(1, 1, 4, 4, dtype=torch.int16), torch.zeros(1, 1, 2, 2, dtype=torch.int16)]
+    pyr = target_pyramid(full, like)
+    assert pyr[0].dtype == torch.int16 and torch.equal(pyr[0].long(), full)
+    assert pyr[1].tolist() == [[[[0, 2], [8, 10]]]]
+    assert target_pyramid(full, full) is full
+
+
+# ----------------------------------------------------------------------------- UCMT
+def test_ema_of_two_students_matches_formula():
+    s1, s2 = TinyDS(1), TinyDS(2)
+    teacher = copy.deepcopy(s1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = UCMT()
+    method.after_optimizer_step(_ctx({"student1": s1, "student2": s2, "teacher": teacher}))
+    for k, v in teacher.state_dict().items():
+        expected = 0.99 * before[k] + 0.01 * 0.5 * (s1.state_dict()[k] + s2.state_dict()[k])
+        assert torch.allclose(v, expected, atol=1e-6), k
+    t2 = copy.deepcopy(teacher)
+    ema_update(t2, [s1, s2], 0.5)
+    k = "head.weight"
+    assert torch.allclose(t2.state_dict()[k], 0.5 * teacher.state_dict()[k]
+                          + 0.25 * (s1.state_dict()[k] + s2.state_dict()[k]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_ucmt_two_steps_second_sees_updated_weights(dim):
+    s1, s2 = TinyDS(1, dim), TinyDS(2, dim)
+    teacher = copy.deepcopy(s1)
+    method = create_method("ucmt", rampup="0", grid="2", topk="1")
+    specs = {s.name: s for s in method.network_specs()}
+    assert specs["teacher"].trainable is False and specs["teacher"].copy_of == "student1"
+    assert specs["student2"].seed_offset == 1 and method.inference_networks() == ["teacher"]
+    ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=3)
+    method.setup(ctx)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    lab, unl = _batch(dim=dim, side=8)
+    opt = torch.optim.SGD(list(s1.parameters()) + list(s2.parameters()), lr=0.5)
+    seen = []  # student 1's weights at each of its forward passes
+    s1.register_forward_pre_hook(lambda mod, args: seen.append(mod.head.weight.detach().clone()))
+    gen = method.training_step(lab, unl, ctx)
+    loss1 = next(gen)
+    opt.zero_grad()
+    loss1.backward()
+    t_before = teacher.head.weight.detach().clone()
+    opt.step()
+    method.after_optimizer_step(ctx)
+    assert not torch.allclose(teacher.head.weight, t_before)  # EMA moved the teacher
+    loss2 = next(gen)
+    assert len(seen) == 2
+    assert torch.equal(seen[1], s1.head.weight.detach()) and not torch.allclose(seen[0], seen[1])
+    opt.zero_grad()
+    loss2.backward()
+    assert s1.head.weight.grad is not None and s1.head.weight.grad.abs().sum() > 0
+    with pytest.raises(StopIteration):
+        next(gen)
+    logged = ctx.pop_logged()
+    assert set(UCMT.scalars) <= set(logged)
+    assert 0 <= logged["agreement"] <= 1 and 1 / 3 <= logged["teacher_confidence"] <= 1
+    assert logged["ramp_weight"] == pytest.approx(0.1)
+    # without UMIX only the CMT step is yielded
+    assert len(list(create_method("ucmt", umix="false").training_step(lab, unl, ctx))) == 1
+
+
+# ----------------------------------------------------------------------------- Primus2D
+def test_primus2d_forward_backward_and_build():
+    torch.manual_seed(0)
+    arch = {"network_class_name": "autossl.networks.transformer2d.Primus2D",
+            "arch_kwargs": {"embed_dim": 32, "patch_embed_size": [4, 8], "eva_depth": 1, "eva_numheads": 2,
+                            "input_shape": [16, 24]},
+            "_kw_requires_import": []}
+    net = build_network(arch, input_channels=2, num_classes=3, deep_supervision=True)
+    assert isinstance(net, Primus2D)
+    x = torch.randn(2, 2, 16, 24)
+    y = net(x)
+    assert y.shape == (2, 3, 16, 24)  # one tensor, no deep supervision
+    y.square().mean().backward()
+    assert net.down_projection.proj.weight.grad.abs().sum() > 0
+    assert net.eva.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+    assert net.eva.rope is not None and net.eva.pos_embed.shape[1] == (16 // 4) * (24 // 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        Primus2D(1, 32, (8, 8), 2, eva_depth=1, eva_numheads=2, input_shape=(20, 24))
+    with pytest.raises(ValueError, match="input_shape"):
+        net(torch.randn(1, 2, 16, 16))
