@@ -1,0 +1,146 @@
+"""Offline self-training (pseudo-labelling in rounds).
+
+The run is split into ``rounds`` (default 2). Round 0 trains on the labelled cases only. At the
+end of each round but the last, the unlabelled cases are predicted with the real sliding-window
+predictor (``ctx.predict_unlabeled``), turned into hard pseudo-labels (voxels whose max
+probability is below ``threshold`` get the ignore label -1) and handed to the unlabelled loader
+(``ctx.set_pseudo_labels``). Later rounds train on L_s(labelled) + weight·L_s(pseudo-labelled),
+the pseudo-labelled term ignoring -1 voxels. By default the network continues from its weights
+(``reinit=true`` restarts each round from a fresh initialisation, as in the classic recipe).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from autossl.ssl.base import NetworkSpec, SSLMethod
+from autossl.ssl.context import TrainingContext
+from autossl.ssl.ema import unwrap
+from autossl.ssl.methods._shared import has_unlabeled, split_output
+from autossl.ssl.registry import register
+from autossl.training.losses import SupervisedLoss
+
+IGNORE = -1
+
+
+def pseudo_label(probabilities, threshold: float) -> tuple[np.ndarray, float, float]:
+    """Hard pseudo-label (1, *spatial) int16 from probabilities (C, *spatial); voxels with
+    max p < ``threshold`` get -1. Returns (label, share of voxels kept, mean max p)."""
+    probs = torch.as_tensor(np.asarray(probabilities) if not isinstance(probabilities, torch.Tensor) else probabilities)
+    conf, labels = probs.float().max(0, keepdim=True)
+    keep = conf >= threshold
+    labels = torch.where(keep, labels, torch.full_like(labels, IGNORE))
+    return labels.to(torch.int16).cpu().numpy(), float(keep.float().mean()), float(conf.mean())
+
+
+def _pack(seg: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    return tuple(seg.shape), zlib.compress(np.ascontiguousarray(seg, dtype=np.int16).tobytes(), 1)
+
+
+def _unpack(packed) -> np.ndarray:
+    shape, data = packed
+    return np.frombuffer(zlib.decompress(data), dtype=np.int16).reshape(shape).copy()
+
+
+def reinitialise(net: torch.nn.Module) -> None:
+    """Fresh weights: the architecture's own initialiser where it has one (dynamic-network-
+    architectures' ``initialize``), else every submodule's ``reset_parameters``."""
+    net = unwrap(net)
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    if hasattr(net, "initialize"):
+        net.apply(net.initialize)
+
+
+@register("self_training")
+class SelfTraining(SSLMethod):
+    """Options: rounds (2), threshold (0.9: voxels with max p below it are ignored; 0 keeps all),
+    weight (1.0: weight of the pseudo-labelled loss), reinit (false), chunk (4: unlabelled cases
+    per predictor call)."""
+
+    scalars = ("loss_sup", "loss_unsup", "round", "pl_share", "pl_confidence")
+    default_unlabeled_ratio = 1.0
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.rounds = self.option("rounds", 2)  # the trainer reads this instance attribute
+        self.threshold = self.option("threshold", 0.9)
+        self.weight = self.option("weight", 1.0)
+        self.reinit = self.option("reinit", False)
+        self.chunk = self.option("chunk", 4)
+        if self.rounds < 1:
+            raise ValueError(f"--ssl self_training: rounds must be >= 1, got {self.rounds}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"--ssl self_training: threshold must be in [0, 1], got {self.threshold}")
+        self.round = 0
+        self.pseudo_loss = SupervisedLoss(ignore_index=IGNORE)
+        self._pseudo_labels: dict[str, tuple] = {}
+        self._handed_over = False
+
+    def network_specs(self) -> list[NetworkSpec]:
+        return [NetworkSpec("student")]
+
+    def setup(self, ctx: TrainingContext) -> None:
+        """After a resume: hand the stored pseudo-labels to the loader again."""
+        if self._pseudo_labels and not self._handed_over and ctx.set_pseudo_labels is not None:
+            ctx.set_pseudo_labels({case: _unpack(p) for case, p in self._pseudo_labels.items()})
+            self._handed_over = True
+
+    def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        net = ctx.networks["student"]
+        x_l = labeled["data"]
+        use_pl = self.round > 0 and has_unlabeled(unlabeled) and unlabeled.get("target") is not None
+        x = torch.cat([x_l, unlabeled["data"]]) if use_pl else x_l
+        with ctx.autocast():
+            out_l, out_u = split_output(net(x), x_l.shape[0])
+        loss_sup = ctx.supervised_loss(out_l, labeled["target"])
+        if use_pl:
+            target = unlabeled["target"]
+            if isinstance(out_u, list) and not isinstance(target, (list, tuple)):
+                out_u = out_u[0]  # a loader without deep-supervision targets: full resolution only
+            loss_unsup = self.pseudo_loss(out_u, target)
+        else:
+            loss_unsup = loss_sup.new_zeros(())
+        ctx.log("loss_sup", loss_sup)
+        ctx.log("loss_unsup", loss_unsup)
+        ctx.log("round", self.round)
+        yield loss_sup + self.weight * loss_unsup
+
+    def on_round_end(self, round_index: int, ctx: TrainingContext) -> None:
+        if round_index + 1 >= self.rounds:
+            return
+        if ctx.predict_unlabeled is None or ctx.set_pseudo_labels is None:
+            raise RuntimeError("self_training needs a trainer that provides ctx.predict_unlabeled and ctx.set_pseudo_labels")
+        cases = list(ctx.unlabeled_cases)
+        if not cases:
+            raise RuntimeError("self_training: the dataset has no preprocessed unlabelled cases to pseudo-label")
+        labels, shares, confs = {}, [], []
+        for i in tqdm(range(0, len(cases), self.chunk), desc=f"pseudo-labels (round {round_index + 1})",
+                      unit="chunk", leave=False):
+            for case, probs in ctx.predict_unlabeled(cases[i:i + self.chunk]).items():
+                labels[case], share, conf = pseudo_label(probs, self.threshold)
+                shares.append(share)
+                confs.append(conf)
+        ctx.log("pl_share", float(np.mean(shares)))
+        ctx.log("pl_confidence", float(np.mean(confs)))
+        ctx.set_pseudo_labels(labels)
+        self._pseudo_labels = {case: _pack(seg) for case, seg in labels.items()}
+        self._handed_over = True
+        self.round = round_index + 1
+        if self.reinit:
+            for spec in self.network_specs():
+                if spec.trainable:
+                    reinitialise(ctx.networks[spec.name])
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "pseudo_labels": dict(self._pseudo_labels)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state.get("round", 0))
+        self._pseudo_labels = dict(state.get("pseudo_labels", {}))
+        self._handed_over = False
