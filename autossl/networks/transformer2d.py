@@ -95,10 +95,9 @@ def _check_args(embed_dim: int, patch_embed_size, eva_numheads: int, input_shape
     if bad:
         raise ValueError(f"{where}: input_shape {tuple(input_shape)} is not divisible by patch_embed_size "
                          f"{tuple(patch_embed_size)} (side, patch) = {bad}")
-    for p in patch_embed_size:
-        if p < 2 or (p & (p - 1)) != 0:
-            raise ValueError(f"{where}: patch_embed_size {tuple(patch_embed_size)} entries must be powers of two "
-                             f">= 2 (the decoder upsamples by 2 per stage, as Primus)")
+    if any(p < 1 or (p & (p - 1)) != 0 for p in patch_embed_size) or max(patch_embed_size) < 2:
+        raise ValueError(f"{where}: patch_embed_size {tuple(patch_embed_size)} entries must be powers of two, "
+                         f"the largest >= 2 (the decoder upsamples by 2 per stage, as Primus)")
     if embed_dim % eva_numheads != 0:
         raise ValueError(f"{where}: embed_dim {embed_dim} is not divisible by eva_numheads {eva_numheads}")
     if use_rot_pos_emb and (embed_dim // eva_numheads) % 4 != 0:

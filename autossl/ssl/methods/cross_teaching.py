@@ -13,7 +13,8 @@ run's steps (SSL4MIS ramps over 200 of its 200 "epochs": the whole run). No term
 networks to agree.
 
 Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0), ct_loss (dice|ce|dice_ce),
-sup_weight (0.5), predict (cnn|transformer|both; both averages the two softmaxes).
+sup_weight (0.5), predict (cnn|transformer|both; both averages the two softmaxes; the default is
+the ``network`` option, i.e. the CNN unless ``autossl_train --network transformer``).
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ class CrossTeaching(SSLMethod):
         self.sup_weight = self.option("sup_weight", 0.5)
         self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
-        self.predict = check_choice(self.name, "predict", self.option("predict", "cnn"),
-                                    ("cnn", "transformer", "both"))
+        main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
+        self.predict = check_choice(self.name, "predict", self.option("predict", main), ("cnn", "transformer", "both"))
         if self.lambda_max < 0 or self.rampup < 0 or self.sup_weight <= 0:
             raise ValueError(f"--ssl cross_teaching: need lambda >= 0, rampup >= 0, sup_weight > 0; got "
                              f"{self.lambda_max}, {self.rampup}, {self.sup_weight}")

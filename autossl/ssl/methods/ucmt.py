@@ -29,7 +29,8 @@ Choices (documented in documentation/ssl_methods.md):
 * λ: sigmoid ramp over ``rampup`` = 0.2 of the run (the 2D code: 5 of 25 epochs).
 
 Options: weight (0.1), rampup (0.2), ema_decay (0.99), grid (0 = auto), topk (2), umix (true),
-views (blur|strong), predict (teacher|students).
+views (blur|strong), predict (teacher|students), network (cnn|transformer: the students' and
+teacher's architecture; ``autossl_train --network transformer`` sets it).
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class UCMT(SSLMethod):
         self.use_umix = self.option("umix", True)
         self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong"))
         self.predict = check_choice(self.name, "predict", self.option("predict", "teacher"), ("teacher", "students"))
+        self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         if not 0 <= self.ema_decay <= 1 or self.grid < 0 or self.topk < 0 or self.weight < 0 or self.rampup < 0:
             raise ValueError(f"--ssl ucmt: need 0 <= ema_decay <= 1 and grid, topk, weight, rampup >= 0; got "
                              f"ema_decay={self.ema_decay}, grid={self.grid}, topk={self.topk}, "
@@ -107,8 +109,8 @@ class UCMT(SSLMethod):
 
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:
-        return [NetworkSpec("student1"), NetworkSpec("student2", seed_offset=1),
-                NetworkSpec("teacher", trainable=False, copy_of="student1")]
+        return [NetworkSpec("student1", arch=self.arch), NetworkSpec("student2", arch=self.arch, seed_offset=1),
+                NetworkSpec("teacher", arch=self.arch, trainable=False, copy_of="student1")]
 
     def inference_networks(self) -> list[str]:
         return ["teacher"] if self.predict == "teacher" else ["student1", "student2"]
