@@ -100,7 +100,7 @@ class UCMT(SSLMethod):
         self.topk = self.option("topk", 2)
         self.use_umix = self.option("umix", True)
         self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong"))
-        self.predict = check_choice(self.name, "predict", self.option("predict", "teacher"), ("teacher", "students"))
+        self.predict = check_choice(self.name, "predict", self.option("predict", self.option("inference", "teacher")), ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         if not 0 <= self.ema_decay <= 1 or self.grid < 0 or self.topk < 0 or self.weight < 0 or self.rampup < 0:
             raise ValueError(f"--ssl ucmt: need 0 <= ema_decay <= 1 and grid, topk, weight, rampup >= 0; got "
