@@ -44,8 +44,11 @@ def key_to_label_or_region(key: str) -> int | tuple[int, ...]:
 
 
 def labels_or_regions_from_dataset_json(dataset_json: dict) -> list:
+    """Foreground labels, or regions (a one-label region as the plain label, as nnU-Net keys it)."""
     lm = LabelManager.from_dataset_json(dataset_json)
-    return list(lm.foreground_regions) if lm.has_regions else list(lm.foreground_labels)
+    if not lm.has_regions:
+        return list(lm.foreground_labels)
+    return [int(r[0]) if len(r) == 1 else tuple(int(i) for i in r) for r in lm.foreground_regions]
 
 
 def _as_reader(reader_writer) -> BaseReaderWriter:
