@@ -99,3 +99,56 @@ class SupervisedLoss:
                 m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:], mode="nearest")
             total = total + w * dice_ce_loss(o, t, batch_dice=self.batch_dice, ignore_index=self.ignore_index, mask=m)
         return total
+
+
+# ----------------------------------------------------------------------------- regions (sigmoid)
+def region_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool = False,
+                         mask: torch.Tensor | None = None, smooth: float = 1e-5) -> torch.Tensor:
+    """nnU-Net's DC_and_BCE_loss for region training: target (B, R, *spatial) in {0, 1}, one
+    sigmoid per region, Dice over all regions (do_bg=True) + BCE; ``mask`` (B, 1, *) weights voxels."""
+    t = target.float()
+    w = torch.ones_like(t[:, :1]) if mask is None else mask.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
+    bce = (bce * w).sum() / (w.sum() * logits.shape[1]).clamp_min(1.0)
+    probs = torch.sigmoid(logits.float())
+    axes = tuple(range(2, probs.ndim))
+    inter = (probs * t * w).sum(axes)
+    pred = (probs * w).sum(axes)
+    gt = (t * w).sum(axes)
+    if batch_dice:
+        inter, pred, gt = inter.sum(0), pred.sum(0), gt.sum(0)
+    dc = (2 * inter + smooth) / (pred + gt + smooth).clamp_min(1e-8)
+    return bce + (1 - dc.mean())
+
+
+class RegionSupervisedLoss:
+    """L_s for region-based datasets (dataset.json regions); targets are the region maps the
+    loader makes (deep-supervision lists); with an ignore label the last target channel marks
+    ignored voxels."""
+
+    def __init__(self, batch_dice: bool = False, has_ignore: bool = False):
+        self.batch_dice = batch_dice
+        self.has_ignore = has_ignore
+
+    def _one(self, o: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.has_ignore:
+            valid = 1 - t[:, -1:].float()
+            t = t[:, :-1]
+            mask = valid if mask is None else mask.float() * valid
+        return region_dice_bce_loss(o, t, batch_dice=self.batch_dice, mask=mask)
+
+    def __call__(self, output, target, mask: torch.Tensor | None = None) -> torch.Tensor:
+        targets: Sequence[torch.Tensor] = target if isinstance(target, (list, tuple)) else [target]
+        if not isinstance(output, (list, tuple)):
+            return self._one(output, targets[0], mask)
+        if len(targets) < len(output):
+            raise ValueError(f"{len(output)} deep-supervision outputs but {len(targets)} target scales")
+        total = 0.0
+        for w, o, t in zip(deep_supervision_weights(len(output)), output, targets):
+            if w == 0:
+                continue
+            m = None
+            if mask is not None:
+                m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:], mode="nearest")
+            total = total + w * self._one(o, t, m)
+        return total

@@ -1,0 +1,86 @@
+"""``autossl_train DATASET CONFIG FOLD [--ssl METHOD] ...``: train one fold (nnU-Net v2's
+``nnUNetv2_train`` with semi-supervised methods). Multi-GPU / multi-process:
+``torchrun --nproc_per_node=N $(which autossl_train) DATASET CONFIG FOLD ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_ssl_opts(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p or not p.split("=", 1)[0]:
+            raise SystemExit(f"--ssl-opt expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autossl_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="dataset ID or DatasetXXX_Name")
+    p.add_argument("configuration", help="configuration of the plans, e.g. 2d or 3d_fullres")
+    p.add_argument("fold", help="fold of splits_final.json (0-4) or 'all'")
+    p.add_argument("-p", "--plans", default="autosslPlans", help="plans identifier (default autosslPlans)")
+    p.add_argument("--ssl", default="none", help="semi-supervised method (default none = supervised)")
+    p.add_argument("--ssl-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. --ssl-opt lambda=0.1)")
+    p.add_argument("--network", choices=("cnn", "transformer"), default="cnn",
+                   help="main architecture: the plans' U-Net (cnn) or transformer_architecture")
+    p.add_argument("--c", action="store_true", help="continue from checkpoint_latest.pth")
+    p.add_argument("--val", action="store_true", help="only run the final validation (needs checkpoint_final)")
+    p.add_argument("--npz", action="store_true", help="final validation also saves probabilities (.npz)")
+    p.add_argument("-device", "--device", choices=("cpu", "cuda", "mps"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 1000; an upper bound with --budget)")
+    p.add_argument("--iterations-per-epoch", type=int, default=250)
+    p.add_argument("--val-iterations", type=int, default=50, help="validation batches per epoch (pseudo-Dice)")
+    p.add_argument("--budget", default=None, help="wall-clock budget, e.g. 45m, 1.5h, 90s: picks the number of epochs")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--unlabeled-ratio", type=float, default=None,
+                   help="unlabelled patches per labelled patch (default: the method's)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="augmentation processes (default env autossl_n_proc_DA or min(cpus, 4); 0 = main process)")
+    p.add_argument("--save-every", type=int, default=1, help="write checkpoint_latest every N epochs (default 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA; env autossl_compile)")
+    p.add_argument("--list-methods", action="store_true", help="print the available --ssl methods and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list-methods" in argv:
+        from autossl.ssl.registry import available_methods
+
+        print("\n".join(available_methods()))
+        return 0
+    args = build_parser().parse_args(argv)
+    from autossl.ssl.registry import available_methods
+    from autossl.training.trainer import Trainer, TrainingError
+
+    if args.ssl not in available_methods():
+        print(f"autossl_train: unknown --ssl method {args.ssl!r}; available: {', '.join(available_methods())}",
+              file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(args.dataset, args.configuration, args.fold, plans=args.plans, ssl=args.ssl,
+                          ssl_options=_parse_ssl_opts(args.ssl_opt), network=args.network, device=args.device,
+                          epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+                          val_iterations=args.val_iterations, budget=args.budget, seed=args.seed,
+                          unlabeled_ratio=args.unlabeled_ratio, num_workers=args.num_workers,
+                          compile=True if args.compile else None, save_every=args.save_every, npz=args.npz)
+        trainer.run(continue_training=args.c, validation_only=args.val)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"autossl_train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from autossl.training import ddp
+
+        ddp.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

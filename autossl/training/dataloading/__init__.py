@@ -1,0 +1,1 @@
+"""Preprocessed cases, cross-validation splits and the labelled/unlabelled patch loaders."""

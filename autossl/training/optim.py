@@ -1,0 +1,108 @@
+"""Optimisers and step-based learning-rate schedules.
+
+* cnn networks: SGD, lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5, poly schedule
+  lr = lr0 · (1 - step/total)^0.9 (nnU-Net v2's defaults; nnU-Net steps per epoch, we step per
+  iteration because the number of steps is what budgets and ramps are defined on).
+* transformer networks: AdamW, lr 3e-4, weight decay 5e-2, betas (0.9, 0.98) (nnU-Net's Primus
+  trainers), linear warm-up over the first ``TRANSFORMER_WARMUP_FRACTION`` (5 %) of the steps,
+  then poly decay over the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+TRANSFORMER_WARMUP_FRACTION = 0.05
+
+
+@dataclass
+class OptimizerConfig:
+    kind: str            # "sgd" | "adamw"
+    lr: float
+    weight_decay: float
+    warmup_fraction: float = 0.0
+
+
+CONFIGS = {
+    "cnn": OptimizerConfig("sgd", 1e-2, 3e-5, 0.0),
+    "transformer": OptimizerConfig("adamw", 3e-4, 5e-2, TRANSFORMER_WARMUP_FRACTION),
+}
+
+
+def build_optimizer(network: nn.Module, arch: str) -> torch.optim.Optimizer:
+    if arch not in CONFIGS:
+        raise ValueError(f"unknown network arch {arch!r}; expected one of {sorted(CONFIGS)}")
+    cfg = CONFIGS[arch]
+    params = [p for p in network.parameters() if p.requires_grad]
+    if cfg.kind == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.99, nesterov=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+class PolyWarmupSchedule:
+    """lr(step): linear warm-up from lr0/warmup to lr0 over ``warmup`` steps, then
+    lr0 · (1 - (step - warmup) / (total - warmup))^exponent. ``step(s)`` sets the lr for step s."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, total_steps: int,
+                 warmup_fraction: float = 0.0, exponent: float = 0.9):
+        self.optimizer = optimizer
+        self.initial_lr = float(initial_lr)
+        self.warmup_fraction = float(warmup_fraction)
+        self.exponent = float(exponent)
+        self.total_steps = max(1, int(total_steps))
+        self.last_step = 0
+        self.step(0)
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.total_steps))
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = max(1, int(total_steps))
+        self.step(self.last_step)
+
+    def lr_at(self, step: int) -> float:
+        w = self.warmup_steps
+        if w > 0 and step < w:
+            return self.initial_lr * (step + 1) / w
+        span = max(1, self.total_steps - w)
+        frac = min(1.0, max(0.0, (step - w) / span))
+        return self.initial_lr * (1.0 - frac) ** self.exponent
+
+    def step(self, step: int) -> float:
+        self.last_step = int(step)
+        lr = self.lr_at(self.last_step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def get_last_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"initial_lr": self.initial_lr, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction,
+                "exponent": self.exponent, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial_lr = float(state["initial_lr"])
+        self.total_steps = int(state["total_steps"])
+        self.warmup_fraction = float(state["warmup_fraction"])
+        self.exponent = float(state["exponent"])
+        self.step(int(state["last_step"]))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, arch: str, total_steps: int) -> PolyWarmupSchedule:
+    cfg = CONFIGS[arch]
+    return PolyWarmupSchedule(optimizer, cfg.lr, total_steps, cfg.warmup_fraction)
+
+
+def clip_gradients(network: nn.Module, max_norm: float = 12.0) -> None:
+    params = [p for p in network.parameters() if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def has_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
