@@ -347,8 +347,12 @@ def test_self_training_pseudo_label_filtering_rounds_and_state():
     st2 = create_method("self_training", rounds=3)
     st2.load_state_dict(st.state_dict())
     again = []
-    st2.setup(make_ctx({"student": net}, set_pseudo_labels=again.append))
-    assert st2.round == 1 and np.array_equal(again[0]["u2"], handed[0]["u2"])
+    ctx2 = make_ctx({"student": net}, set_pseudo_labels=again.append)
+    st2.setup(ctx2)
+    assert again == []  # the trainer's loaders do not exist yet at setup
+    run_step(st2, labeled_batch(xl), {"data": xl, "keys": ["u1"]}, ctx2)
+    run_step(st2, labeled_batch(xl), {"data": xl, "keys": ["u1"]}, ctx2)
+    assert st2.round == 1 and len(again) == 1 and np.array_equal(again[0]["u2"], handed[0]["u2"])
 
 
 def test_self_training_reinit_gives_fresh_weights():

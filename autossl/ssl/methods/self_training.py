@@ -85,13 +85,15 @@ class SelfTraining(SSLMethod):
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("student")]
 
-    def setup(self, ctx: TrainingContext) -> None:
-        """After a resume: hand the stored pseudo-labels to the loader again."""
+    def restore_pseudo_labels(self, ctx: TrainingContext) -> None:
+        """After a resume: hand the pseudo-labels stored in the checkpoint to the loader again
+        (at the first step, when the trainer's loaders exist)."""
         if self._pseudo_labels and not self._handed_over and ctx.set_pseudo_labels is not None:
             ctx.set_pseudo_labels({case: _unpack(p) for case, p in self._pseudo_labels.items()})
             self._handed_over = True
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        self.restore_pseudo_labels(ctx)
         net = ctx.networks["student"]
         x_l = labeled["data"]
         use_pl = self.round > 0 and has_unlabeled(unlabeled) and unlabeled.get("target") is not None
