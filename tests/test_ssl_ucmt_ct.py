@@ -96,6 +96,11 @@ def test_cross_teaching_step_matches_formula_and_options():
     assert create_method("cross_teaching", predict="transformer").inference_networks() == ["transformer"]
     with pytest.raises(ValueError, match="ct_loss"):
         create_method("cross_teaching", ct_loss="mse")
+    regions = dict(lab, target=[t.repeat(1, 2, 1, 1) for t in lab["target"]])  # region maps: 2 channels
+    for name, nets in (("cross_teaching", {"cnn": cnn, "transformer": vit}),
+                       ("ucmt", {"student1": cnn, "student2": cnn, "teacher": cnn})):
+        with pytest.raises(ValueError, match="regions"):
+            next(create_method(name).training_step(regions, unl, _ctx(nets)))
 
 
 # ----------------------------------------------------------------------------- UMIX

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
-from autossl.ssl.context import TrainingContext, main_output
+from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.methods._shared import check_choice, has_unlabeled, ramp_weight, split_output
 from autossl.ssl.registry import register
 from autossl.training.losses import ce_loss, soft_dice_loss
@@ -44,6 +44,14 @@ def ct_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     if name == "dice_ce":
         return lambda logits, pseudo: ct_dice(logits, pseudo) + ce_loss(logits, pseudo)
     raise ValueError(f"cross_teaching: ct_loss {name!r} must be one of {', '.join(CT_LOSSES)}")
+
+
+def check_label_map_target(target, method: str) -> None:
+    """Hard argmax pseudo-labels need one softmax over classes: label maps (B, 1, *), not regions."""
+    t = main_target(target)
+    if t.shape[1] != 1:
+        raise ValueError(f"--ssl {method}: targets have {t.shape[1]} channels (region-based dataset.json); "
+                         f"this method's argmax pseudo-labels need a plain label map (no 'regions')")
 
 
 def hard_pseudo_label(logits: torch.Tensor) -> torch.Tensor:
@@ -85,6 +93,7 @@ class CrossTeaching(SSLMethod):
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
         cnn, vit = ctx.networks["cnn"], ctx.networks["transformer"]
         x_l = labeled["data"]
+        check_label_map_target(labeled["target"], self.name)
         n_l = x_l.shape[0]
         use_u = has_unlabeled(unlabeled)
         x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l

@@ -43,6 +43,7 @@ from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.ema import ema_update
 from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
 from autossl.training.augmentation.strong import gaussian_blur
@@ -152,6 +153,7 @@ class UCMT(SSLMethod):
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
         s1, s2, teacher = ctx.networks["student1"], ctx.networks["student2"], ctx.networks["teacher"]
         x_l, target_l = labeled["data"], labeled["target"]
+        check_label_map_target(target_l, self.name)
         n_l = x_l.shape[0]
         use_u = has_unlabeled(unlabeled)
         x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
