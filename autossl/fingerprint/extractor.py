@@ -122,6 +122,17 @@ def _merge(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return uniq, np.bincount(inverse.ravel(), weights=cnts, minlength=uniq.size).astype(np.int64)
 
 
+def _mp_context():
+    """forkserver where available (workers fork from a server that imported this module once, so
+    they start fast and share no threads with the parent), else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        if __name__ != "__main__":
+            ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
 def _run_cases(jobs: list[tuple], num_processes: int) -> list[dict]:
     results: list[dict | None] = [None] * len(jobs)
     desc = "Extracting dataset fingerprint"
@@ -129,7 +140,7 @@ def _run_cases(jobs: list[tuple], num_processes: int) -> list[dict]:
         for i, job in enumerate(tqdm(jobs, desc=desc)):
             results[i] = analyze_case(*job)
         return results
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _mp_context()
     try:
         with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs)), mp_context=ctx) as ex:
             futures = {ex.submit(analyze_case, *job): i for i, job in enumerate(jobs)}

@@ -84,8 +84,9 @@ class ConfigurationManager:
         return self._get("architecture")
 
     @property
-    def transformer_architecture(self) -> dict:
-        return self._get("transformer_architecture")
+    def transformer_architecture(self) -> dict | None:
+        """The transformer entry; None for plans without one (e.g. nnU-Net's own plans)."""
+        return self.configuration.get("transformer_architecture")
 
     @property
     def network_arch_class_name(self) -> str:

@@ -72,12 +72,18 @@ def estimate_training_bytes(n_tokens: int, batch_size: int, depth: int, embed_di
 
 def transformer_architecture(patch_size: Sequence[int], batch_size: int, input_channels: int,
                              memory_budget_gb: float, max_preset: str = "M", min_preset: str = "S",
-                             max_patch_embed: int = 8) -> dict:
-    """Plans entry for the transformer of one configuration (2D or 3D from ``len(patch_size)``)."""
+                             max_patch_embed: int = 8) -> dict | None:
+    """Plans entry for the transformer of one configuration (2D or 3D from ``len(patch_size)``).
+
+    ``None`` when no patch axis is even: Primus' decoder needs a patch embedding >= 2 somewhere."""
     dim = len(patch_size)
     if dim not in (2, 3):
         raise ValueError(f"patch size {tuple(patch_size)}: only 2D and 3D configurations have a transformer")
     pe = patch_embed_size_for(patch_size, max_patch_embed)
+    if max(pe) < 2:
+        print(f"WARNING: patch size {list(patch_size)} has no even axis; this configuration gets no transformer "
+              f"(transformer_architecture = null)")
+        return None
     n_tokens = math.prod(int(p) // e for p, e in zip(patch_size, pe))
     patch_voxels = math.prod(pe)
     lo, hi = PRESET_ORDER.index(min_preset), PRESET_ORDER.index(max_preset)
