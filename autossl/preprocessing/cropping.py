@@ -9,7 +9,6 @@ Bounding boxes are half open, ``[[start, end), ...]`` per spatial axis (acvl_uti
 from __future__ import annotations
 
 import numpy as np
-from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask
 from scipy.ndimage import binary_fill_holes
 
 
@@ -24,8 +23,8 @@ def create_nonzero_mask(data: np.ndarray) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray) -> list[list[int]]:
-    if mask.ndim == 3:
-        return get_bbox_from_mask(mask)
+    """Half-open bounding box of ``mask``, the whole extent for an empty mask (as acvl_utils'
+    ``get_bbox_from_mask``, whose module imports torch: kept out so that preprocessing stays light)."""
     bbox = []
     for axis in range(mask.ndim):
         other = tuple(i for i in range(mask.ndim) if i != axis)
@@ -43,7 +42,7 @@ def crop_to_nonzero(data: np.ndarray, seg: np.ndarray | None = None, nonzero_lab
         raise ValueError(f"segmentation shape {seg.shape[1:]} differs from image shape {data.shape[1:]}")
     nonzero_mask = create_nonzero_mask(data)
     bbox = _bbox(nonzero_mask)
-    slicer = bounding_box_to_slice(bbox)
+    slicer = tuple(slice(a, b) for a, b in bbox)
     data = data[(slice(None), *slicer)]
     nonzero_mask = nonzero_mask[slicer][None]
     if seg is not None:
