@@ -350,7 +350,7 @@ class Predictor:
         results: dict = {}
         with _Exporter(num_processes_segmentation_export) as exporter:
             for case in tqdm(cases, desc="predicting", disable=not self.allow_tqdm):
-                data, _, props = storage.load_case(folder, case, mmap=False)
+                data, _, props = storage.load_case(folder, case, mmap=False, load_seg=False)
                 logits = self.predict_logits_from_preprocessed_data(data)
                 if output_folder is None:
                     out = self.label_manager.logits_to_probabilities(logits) if return_probabilities else logits
