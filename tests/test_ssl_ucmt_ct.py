@@ -363,13 +363,12 @@ def test_e2e_ucmt(planned):
 
 
 def test_e2e_supervised_transformer(planned):
-    if planned["configuration"] != "2d":
-        pytest.skip("the transformer's supervised run is checked once (2d); 3d is covered by cross teaching")
     _train(planned, "--network", "transformer")
     from autossl.training.trainer import trainer_name
 
     name = trainer_name("none", "transformer")
-    ckpt_dir = planned["root"] / "autossl_results" / planned["name"] / f"{name}__{planned['plans']}__2d" / "fold_0"
+    cfg = planned["configuration"]
+    ckpt_dir = planned["root"] / "autossl_results" / planned["name"] / f"{name}__{planned['plans']}__{cfg}" / "fold_0"
     ckpt = torch.load(ckpt_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert [s["arch"] for s in ckpt["inference_networks"]] == ["transformer"]
     assert any(k.startswith("eva.blocks.0") for k in ckpt["network_weights"])
