@@ -79,7 +79,8 @@ class CrossTeaching(SSLMethod):
         self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
-        self.predict = check_choice(self.name, "predict", self.option("predict", self.option("inference", main)), ("cnn", "transformer", "both"))
+        predict = self.option("predict", self.option("inference", main))
+        self.predict = check_choice(self.name, "predict", predict, ("cnn", "transformer", "both"))
         if self.lambda_max < 0 or self.rampup < 0 or self.sup_weight <= 0:
             raise ValueError(f"--ssl cross_teaching: need lambda >= 0, rampup >= 0, sup_weight > 0; got "
                              f"{self.lambda_max}, {self.rampup}, {self.sup_weight}")

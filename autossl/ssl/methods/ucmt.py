@@ -101,7 +101,8 @@ class UCMT(SSLMethod):
         self.topk = self.option("topk", 2)
         self.use_umix = self.option("umix", True)
         self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong"))
-        self.predict = check_choice(self.name, "predict", self.option("predict", self.option("inference", "teacher")), ("teacher", "students"))
+        predict = self.option("predict", self.option("inference", "teacher"))
+        self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         if not 0 <= self.ema_decay <= 1 or self.grid < 0 or self.topk < 0 or self.weight < 0 or self.rampup < 0:
             raise ValueError(f"--ssl ucmt: need 0 <= ema_decay <= 1 and grid, topk, weight, rampup >= 0; got "
@@ -192,7 +193,8 @@ class UCMT(SSLMethod):
         with ctx.autocast():
             q1, q2 = s1(mixed_x), s2(mixed_x)
         mixed_target_l = target_pyramid(mixed_t[:n_l], target_l)
-        loss_sup2, loss_x2, loss_u2, _ = self._losses(q1, q2, mixed_target_l, mixed_t[n_l:] if use_u else None, n_l, ctx)
+        mixed_pseudo_t = mixed_t[n_l:] if use_u else None
+        loss_sup2, loss_x2, loss_u2, _ = self._losses(q1, q2, mixed_target_l, mixed_pseudo_t, n_l, ctx)
         loss_umix = loss_sup2 + weight * (loss_x2 + loss_u2)
         ctx.log("loss_umix", loss_umix)
         yield loss_umix
