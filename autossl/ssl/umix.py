@@ -69,8 +69,9 @@ def _as_map(u: torch.Tensor, n_spatial: int) -> torch.Tensor:
 
 def umix_indices(uncertainty_a: torch.Tensor, uncertainty_b: torch.Tensor, grid: int | Sequence[int], k: int):
     """Maps (B, 1, *spatial) -> block indices (B, k) each: (uncertain_a, certain_b, uncertain_b,
-    certain_a), flat row-major over the grid. ``uncertain_x[:, j]`` is x's (j+1)-th most uncertain block; ``certain_x[:, j]``
-    x's block ranked L-k+j by uncertainty (``certain_x[:, -1]`` the most certain)."""
+    certain_a), flat row-major over the grid. ``uncertain_x[:, j]`` is x's (j+1)-th most uncertain
+    block; ``certain_x[:, j]`` x's block ranked L-k+j by uncertainty (``certain_x[:, -1]`` the most
+    certain)."""
     ua, ub = _as_map(uncertainty_a, uncertainty_a.ndim - 2), _as_map(uncertainty_b, uncertainty_b.ndim - 2)
     if ua.shape != ub.shape:
         raise ValueError(f"umix: uncertainty maps differ in shape: {tuple(ua.shape)} vs {tuple(ub.shape)}")
