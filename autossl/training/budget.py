@@ -48,19 +48,28 @@ class BudgetPlan:
 
 
 def plan_steps(budget_s: float, elapsed_s: float, step_time_s: float, epoch_overhead_s: float,
-               final_overhead_s: float, iterations_per_epoch: int, safety: float = 0.05) -> BudgetPlan:
-    """Whole epochs that fit into ``budget_s`` (minus ``safety`` of it), counting the time already
-    spent (``elapsed_s``, which includes the measured steps), the per-epoch overhead and the final
-    validation. When not even one epoch fits, one shorter epoch is planned."""
+               final_overhead_s: float, iterations_per_epoch: int, steps_done: int = 0,
+               safety: float = 0.05) -> BudgetPlan:
+    """The largest number of whole epochs whose remaining steps, epoch ends (validation,
+    checkpoint) and final validation fit into ``budget_s`` (minus ``safety`` of it), given the time
+    already spent (``elapsed_s``) and the ``steps_done`` so far. The epoch in progress is always
+    finished. When not even the first epoch fits, it is shortened."""
     step_time_s = max(step_time_s, 1e-6)
+    ipe = int(iterations_per_epoch)
     available = budget_s * (1 - safety) - elapsed_s - final_overhead_s
-    per_epoch = iterations_per_epoch * step_time_s + epoch_overhead_s
-    epochs = int(math.floor(available / per_epoch)) if available > 0 else 0
-    if epochs >= 1:
-        iters = iterations_per_epoch
-    else:
+    epochs_ended = steps_done // ipe                      # epochs whose end (validation) is behind us
+    min_epochs = max(1, -(-steps_done // ipe))            # finish the epoch in progress
+    per_epoch = ipe * step_time_s + epoch_overhead_s
+    epochs = int(math.floor((available + steps_done * step_time_s + epochs_ended * epoch_overhead_s) / per_epoch))
+    if epochs >= min_epochs:
+        iters = ipe
+    elif epochs_ended == 0:  # the first epoch does not fit: a shorter one
         epochs = 1
-        iters = max(1, int(math.floor(max(0.0, available - epoch_overhead_s) / step_time_s)))
+        iters = max(1, steps_done, steps_done + int(math.floor(max(0.0, available - epoch_overhead_s) / step_time_s)))
+        iters = min(iters, ipe)
+    else:
+        epochs, iters = min_epochs, ipe
     total = epochs * iters
-    predicted = elapsed_s + epochs * (iters * step_time_s + epoch_overhead_s) + final_overhead_s
-    return BudgetPlan(epochs, iters, total, step_time_s, epoch_overhead_s, final_overhead_s, predicted)
+    remaining = (total - steps_done) * step_time_s + (epochs - epochs_ended) * epoch_overhead_s
+    return BudgetPlan(epochs, iters, total, step_time_s, epoch_overhead_s, final_overhead_s,
+                      elapsed_s + remaining + final_overhead_s)

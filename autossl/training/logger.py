@@ -87,7 +87,7 @@ class TrainingLogger:
         x = list(range(self.num_epochs))
         scalars = {k: v for k, v in h["scalars"].items() if k in scalar_names or not scalar_names}
         n_panels = 4 if scalars else 3
-        fig, axes = plt.subplots(n_panels, 1, figsize=(16, 5.5 * n_panels))
+        fig, axes = plt.subplots(n_panels, 1, figsize=(12, 3.5 * n_panels))
         ax = axes[0]
         ax.plot(x, h["train_loss"], color="b", ls="-", label="loss_tr", linewidth=3)
         ax.plot(x, h["val_loss"], color="r", ls="-", label="loss_val", linewidth=3)
@@ -125,5 +125,5 @@ class TrainingLogger:
         plt.tight_layout()
         path = Path(path)
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", dpi=80)
         plt.close(fig)

@@ -70,22 +70,13 @@ def trainer_name(ssl: str, network: str = "cnn") -> str:
 
 
 def resolve_configuration(plans: dict, name: str) -> dict:
-    """The configuration dict with ``inherits_from`` resolved (nnU-Net v2 semantics)."""
-    configs = plans.get("configurations", {})
-    if name not in configs:
-        raise TrainingError(f"configuration {name!r} is not in the plans {plans.get('plans_name', '')!r}; "
-                            f"available: {', '.join(sorted(configs))}")
-    cfg = dict(configs[name])
-    seen = {name}
-    while "inherits_from" in cfg:
-        parent = cfg.pop("inherits_from")
-        if parent in seen or parent not in configs:
-            raise TrainingError(f"configuration {name!r}: bad inherits_from chain at {parent!r}")
-        seen.add(parent)
-        merged = dict(configs[parent])
-        merged.update(cfg)
-        cfg = merged
-    return cfg
+    """The configuration dict with ``inherits_from`` resolved (``PlansManager``)."""
+    from autossl.planning.plans_handler import PlansManager
+
+    try:
+        return PlansManager(plans).get_configuration(name).configuration
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise TrainingError(f"plans {plans.get('plans_name', '')!r}: {e}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -276,6 +267,7 @@ class Trainer:
         self._strong = None
         self._initialized = False
         self._t_start = time.time()
+        self._last_plot = (0.0, 0.0)  # (when, how long it took)
         self.tr_keys: list[str] = []
         self.val_keys: list[str] = []
         self.unlabeled_keys: list[str] = []
@@ -622,8 +614,8 @@ class Trainer:
             if self.current_step == 0 or self.dist.is_ddp:
                 self._seed_everything()
             self._do_split()
-            self.method.setup(self.ctx)
             self._on_train_start()
+            self.method.setup(self.ctx)  # after the loaders exist: a resumed method may hand pseudo-labels back
             self.train()
             self._on_train_end()
             if self.fold != "all":
@@ -683,17 +675,19 @@ class Trainer:
     def train(self) -> None:
         """The step loop: epochs of ``iterations_per_epoch`` steps until ``total_steps``."""
         steps_this_session = 0
-        t_measure = None
+        measured: list[float] = []  # budget: durations of the timed steps (data + step, no validation)
         epoch_times: list[float] = []
         while self.current_step < self.total_steps:
             epoch = self.current_step // self.iterations_per_epoch
             epoch_start = time.time()
-            for spec in self.specs:
-                self.networks[spec.name].train(spec.trainable)
+            for spec in self.specs:  # non-trainable networks keep the mode the method gives them
+                if spec.trainable:
+                    self.networks[spec.name].train()
             lrs = {n: s.get_last_lr() for n, s in self.schedulers.items()}
             losses: list[float] = []
             it = self.current_step - epoch * self.iterations_per_epoch
             while it < self.iterations_per_epoch and self.current_step < self.total_steps:
+                t_it = time.time()
                 lab = next(self._streams["train"])
                 unl = next(self._streams["unlabeled"]) if "unlabeled" in self._streams else None
                 losses.append(self._train_iteration(lab, unl))
@@ -703,11 +697,10 @@ class Trainer:
                     r = self._round_boundaries().index(self.current_step)
                     self.logger.print(f"end of round {r + 1}/{self.rounds} at step {self.current_step}")
                     self.method.on_round_end(r, self.ctx)
-                if not self._budget_decided:
-                    if steps_this_session == BUDGET_WARMUP_STEPS:
-                        t_measure = time.time()
-                    elif steps_this_session == BUDGET_WARMUP_STEPS + BUDGET_MEASURE_STEPS:
-                        self._apply_budget((time.time() - t_measure) / BUDGET_MEASURE_STEPS, done_in_epoch=it)
+                if not self._budget_decided and steps_this_session > BUDGET_WARMUP_STEPS:
+                    measured.append(time.time() - t_it)
+                    if len(measured) == BUDGET_MEASURE_STEPS:
+                        self._apply_budget(float(np.mean(measured)))
             val_loss, dice = self._validate_epoch()
             self._end_epoch(epoch, epoch_start, losses, val_loss, dice, lrs, epoch_times)
 
@@ -833,11 +826,14 @@ class Trainer:
         done = self.current_step >= self.total_steps
         if not done and (epoch + 1) % self.save_every == 0:
             self.save_checkpoint(self.output_folder / "checkpoint_latest.pth")
-        if self.dist.is_main:
+        # progress.png every epoch, unless drawing it would take more than ~1/6 of the time
+        if self.dist.is_main and (done or time.time() - self._last_plot[0] >= 5 * self._last_plot[1]):
+            t_plot = time.time()
             try:
                 self.logger.plot(self.output_folder / "progress.png", tuple(self.method.scalars))
             except Exception as e:  # plotting must never end a run
                 self.logger.print(f"could not draw progress.png: {e}")
+            self._last_plot = (time.time(), time.time() - t_plot)
 
     def _on_train_end(self) -> None:
         self.save_checkpoint(self.output_folder / "checkpoint_final.pth")
@@ -886,7 +882,8 @@ class Trainer:
             total += self._sliding_window_tiles(data.shape[1:]) * flips * t_patch + 2.0
         return total
 
-    def _apply_budget(self, step_time: float, done_in_epoch: int) -> None:
+    def _apply_budget(self, step_time: float) -> None:
+        """Fix the run's length from the measured step time (``--budget``)."""
         t_fwd = self._estimate_forward_time()
         t_patch = t_fwd / max(1, self.batch_size)
         t0 = time.time()
@@ -900,17 +897,14 @@ class Trainer:
             final += (self.rounds - 1) * self._prediction_time(self.unlabeled_data_folder, self.unlabeled_keys,
                                                                t_patch) / self.dist.world_size
         plan = plan_steps(self.budget_s, time.time() - self._t_start, step_time, epoch_overhead, final,
-                          self.iterations_per_epoch)
+                          self.iterations_per_epoch, steps_done=self.current_step)
         if self.max_epochs is not None and plan.epochs > self.max_epochs:
-            plan = BudgetPlan(self.max_epochs, plan.iterations_per_epoch, self.max_epochs * plan.iterations_per_epoch,
-                              plan.step_time_s, plan.epoch_overhead_s, plan.final_overhead_s,
-                              plan.predicted_total_s - (plan.epochs - self.max_epochs) *
-                              (plan.iterations_per_epoch * step_time + epoch_overhead))
+            total = self.max_epochs * self.iterations_per_epoch
+            plan = BudgetPlan(self.max_epochs, self.iterations_per_epoch, total, step_time, epoch_overhead, final,
+                              time.time() - self._t_start + (total - self.current_step) * step_time
+                              + (self.max_epochs - self.current_step // self.iterations_per_epoch) * epoch_overhead
+                              + final)
         plan = ddp.broadcast_object(plan)
-        iters = max(plan.iterations_per_epoch, done_in_epoch)
-        if iters != plan.iterations_per_epoch:
-            plan = BudgetPlan(plan.epochs, iters, plan.epochs * iters, plan.step_time_s, plan.epoch_overhead_s,
-                              plan.final_overhead_s, plan.predicted_total_s)
         self._budget_plan = plan
         self._budget_decided = True
         self.iterations_per_epoch = plan.iterations_per_epoch

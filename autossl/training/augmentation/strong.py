@@ -200,13 +200,14 @@ class StrongIntensityAugment:
             g = cpu
         gd = device_generator(g, x.device)
         out = []
-        for b in range(x.shape[0]):
-            sample = x[b].float()
-            if _uniform(g) < self.p:
-                order = torch.randperm(len(self.ops), generator=g)[: self.n_ops].tolist()
-                for k in order:
-                    sample = _OP_FUNCS[self.ops[k]](sample, _uniform(g) * self.magnitude, g, gd)
-            out.append(sample)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 even inside AMP
+            for b in range(x.shape[0]):
+                sample = x[b].float()
+                if _uniform(g) < self.p:
+                    order = torch.randperm(len(self.ops), generator=g)[: self.n_ops].tolist()
+                    for k in order:
+                        sample = _OP_FUNCS[self.ops[k]](sample, _uniform(g) * self.magnitude, g, gd)
+                out.append(sample)
         y = torch.stack(out).to(x.dtype)
         if self.cutout_p > 0:
             y, _ = cutout(y, g, self.cutout_fraction, self.cutout_p)
