@@ -80,6 +80,15 @@ def test_all_classic_methods_are_registered_with_their_networks():
         create_method("mean_teacher", inference="nobody")
 
 
+def test_region_targets_are_refused_with_a_clear_error():
+    x = torch.zeros(1, 1, 2, 2, 2)
+    regions = {"data": x, "target": [torch.zeros(1, 2, 2, 2, 2)], "keys": ["l"]}
+    nets = {n: conv1x1([1.0, -1.0], [0.0, 0.0]) for n in ("student", "teacher", "cnn1", "cnn2")}
+    for name in ("mean_teacher", "ua_mt", "cps", "cps_cutmix", "fixmatch", "self_training", "entropy_min"):
+        with pytest.raises(ValueError, match=f"--ssl {name}.*region"):
+            run_step(create_method(name), regions, {"data": x, "keys": ["u"]}, make_ctx(nets))
+
+
 # ----------------------------------------------------------------------------- mean teacher
 def test_ema_update_matches_formula_and_schedule():
     torch.manual_seed(0)
@@ -447,3 +456,132 @@ def test_plugin_doc_example_is_the_shipped_method_and_runs(monkeypatch):
     exec(compile(snippet, "ssl_plugins.md", "exec"), namespace)
     assert namespace["net"].weight.grad is not None
     assert set(namespace["ctx"]._logged) == set() and namespace["method"].option("lambda", 0.1) == 0.2
+
+
+# ----------------------------------------------------------------------------- end to end through the trainer
+E2E_DATASET = 991
+E2E_NAME = f"Dataset{E2E_DATASET}_SSLClassic"
+#: method -> (options, scalars expected in the training log)
+E2E_METHODS = {
+    "mean_teacher": ({}, ("loss_sup", "loss_unsup", "ramp_weight")),
+    "ua_mt": ({"passes": "2"}, ("loss_unsup", "pl_share", "pl_confidence", "uncertainty_threshold")),
+    "cps": ({}, ("loss_sup", "loss_unsup", "agreement")),
+    "cps_cutmix": ({}, ("loss_unsup", "agreement")),
+    "fixmatch": ({"threshold": "0.5"}, ("loss_unsup", "pl_confidence", "pl_share")),
+    "self_training": ({"threshold": "0.5"}, ("loss_sup", "loss_unsup", "round", "pl_share", "pl_confidence")),
+    "entropy_min": ({}, ("loss_sup", "loss_unsup", "ramp_weight")),
+}
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tmp_path_factory):
+    """A tiny planned + preprocessed synthetic 3D dataset (2d and 3d_fullres configurations)."""
+    from autossl.cli import plan_and_preprocess as pp
+    from autossl.utilities.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ssl_classic_e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("autossl_raw", "raw"), ("autossl_preprocessed", "pre"), ("autossl_results", "res")):
+            (root / sub).mkdir()
+            mp.setenv(var, str(root / sub))
+        mp.setenv("autossl_n_proc_DA", "0")
+        make_synthetic_dataset(root / "raw", E2E_DATASET, "SSLClassic", n_labeled=4, n_unlabeled=4, n_test=0,
+                               shape=(12, 16, 16), spacing=(1.0, 1.0, 1.0), seed=3)
+        pp.extract_fingerprint(E2E_DATASET, 1)
+        plans = pp.plan_experiment(E2E_DATASET)
+        pp.preprocess(E2E_DATASET, plans, ["2d", "3d_fullres"], 1)
+        yield {"root": root, "plans": plans}
+
+
+def _train(ssl: str, configuration: str, options: dict, *, epochs: int = 2, iterations: int = 1):
+    import shutil
+
+    from autossl import paths
+    from autossl.training.trainer import Trainer, trainer_name
+
+    shutil.rmtree(paths.results_dir() / E2E_NAME / f"{trainer_name(ssl)}__autosslPlans__{configuration}",
+                  ignore_errors=True)
+    trainer = Trainer(E2E_DATASET, configuration, "all", ssl=ssl, ssl_options=options, device="cpu",
+                      epochs=epochs, iterations_per_epoch=iterations, val_iterations=0, num_workers=0, seed=1,
+                      verbose=False)
+    trainer.run()
+    return trainer
+
+
+def _check_run(trainer, method_name: str, scalars) -> str:
+    folder = trainer.output_folder
+    ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    method = create_method(method_name, **trainer.ssl_options)
+    assert set(ckpt["networks"]) == {s.name for s in method.network_specs()}
+    assert [n["name"] for n in ckpt["inference_networks"]] == method.inference_networks()
+    logs = sorted(folder.glob("training_log_*.txt"))
+    assert logs, f"no training log in {folder}"
+    text = logs[-1].read_text()
+    for name in scalars:
+        assert re.search(rf"\b{name} [-+0-9.einaf]+", text), f"{method_name}: scalar {name} not in the training log"
+    return text
+
+
+@pytest.mark.parametrize("method_name", list(E2E_METHODS))
+def test_method_trains_end_to_end_3d(e2e_env, method_name):
+    options, scalars = E2E_METHODS[method_name]
+    trainer = _train(method_name, "3d_fullres", options)
+    text = _check_run(trainer, method_name, scalars)
+    if method_name == "self_training":
+        assert "end of round 1/2" in text
+        unsup = [float(v) for v in re.findall(r"loss_unsup ([-+0-9.e]+)", text)]
+        assert unsup[0] == 0.0 and unsup[-1] > 0.0  # round 0 supervised only; pseudo-labels later
+        assert not (trainer.output_folder / "pseudo_labels").exists()
+
+
+@pytest.mark.parametrize("method_name", ["cps_cutmix"])
+def test_method_trains_end_to_end_2d(e2e_env, method_name):
+    options, scalars = E2E_METHODS[method_name]
+    _check_run(_train(method_name, "2d", options), method_name, scalars)
+
+
+def test_labels_of_unlabelled_cases_are_never_read(e2e_env, monkeypatch):
+    """Poisoned label files for every unlabelled case, where a careless loader could find one;
+    every reader raises on them. Self-training reads unlabelled batches, predicts the unlabelled
+    cases with the real predictor and trains on its pseudo-labels without touching them."""
+    import blosc2
+    import SimpleITK as sitk
+
+    from autossl import paths
+    from autossl.preprocessing import storage
+
+    pre = paths.preprocessed_dir() / E2E_NAME
+    raw = paths.raw_dir() / E2E_NAME
+    unlabeled = sorted(p.name.rsplit("_0000", 1)[0] for p in (raw / "imagesTrUnlabeled").iterdir())
+    assert unlabeled
+    poisoned: list[Path] = []
+    for folder in pre.iterdir():
+        if folder.is_dir() and folder.name.endswith("_unlabeled"):
+            for case in storage.list_cases(folder):
+                poisoned.append(folder / f"{case}_seg.b2nd")
+    for case in unlabeled:
+        poisoned += [raw / "labelsTr" / f"{case}.nii.gz", pre / "gt_segmentations" / f"{case}.nii.gz"]
+    assert len(poisoned) >= 3 * len(unlabeled)
+    for p in poisoned:
+        p.write_bytes(b"not a label: reading this file is a leak")
+    touched: list[str] = []
+
+    def guard(fn):
+        def wrapper(path, *a, **k):
+            if any(str(path) == str(p) for p in poisoned):
+                touched.append(str(path))
+                raise AssertionError(f"read a label of an unlabelled case: {path}")
+            return fn(path, *a, **k)
+        return wrapper
+
+    monkeypatch.setattr(blosc2, "open", guard(blosc2.open))
+    monkeypatch.setattr(np, "load", guard(np.load))
+    monkeypatch.setattr(sitk, "ReadImage", guard(sitk.ReadImage))
+    try:
+        options, scalars = E2E_METHODS["self_training"]
+        text = _check_run(_train("self_training", "3d_fullres", options), "self_training", scalars)
+        assert "end of round 1/2" in text
+    finally:
+        for p in poisoned:
+            p.unlink(missing_ok=True)
+    assert touched == []

@@ -53,6 +53,14 @@ def has_unlabeled(unlabeled: dict | None) -> bool:
     return unlabeled is not None and unlabeled.get("data") is not None and unlabeled["data"].shape[0] > 0
 
 
+def require_label_maps(target, method: str) -> None:
+    """Softmax / argmax pseudo-labels need label-map targets (B, 1, *), not region channels."""
+    t = target[0] if isinstance(target, (list, tuple)) else target
+    if t.shape[1] != 1:
+        raise ValueError(f"--ssl {method}: targets have {t.shape[1]} channels (a region-based dataset.json); "
+                         f"this method's softmax/argmax terms need a plain label map")
+
+
 def check_choice(method: str, key: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"--ssl {method}: option {key}={value!r} must be one of {', '.join(allowed)}")

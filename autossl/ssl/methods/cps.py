@@ -16,7 +16,8 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight,
+                                         require_label_maps, split_output)
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import box_mask
 from autossl.training.losses import ce_loss
@@ -83,6 +84,7 @@ class CPS(SSLMethod):
         return tuple(cutmix_pairs(t, full_mask, full_partner)[:n_u] for t in (pool, y1, y2))
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        require_label_maps(labeled["target"], self.name)
         net1, net2 = ctx.networks["cnn1"], ctx.networks["cnn2"]
         x_l = labeled["data"]
         n_l = x_l.shape[0]

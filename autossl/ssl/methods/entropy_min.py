@@ -25,6 +25,8 @@ class EntropyMinimisation(SSLMethod):
         return [NetworkSpec("student")]
 
     def training_step(self, labeled, unlabeled, ctx):
+        if labeled["target"][0].shape[1] != 1:
+            raise ValueError("--ssl entropy_min needs label maps: region-based datasets have no softmax")
         net = ctx.networks["student"]
         n_l = labeled["data"].shape[0]
         # one forward for both batches; deep-supervision outputs are split along the batch

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.methods._shared import cpu_generator, has_unlabeled, ramp_weight, require_label_maps, split_output
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import cutout
 
@@ -63,6 +63,7 @@ class FixMatch(SSLMethod):
         return strong
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        require_label_maps(labeled["target"], self.name)
         net = ctx.networks["student"]
         x_l = labeled["data"]
         n_l = x_l.shape[0]

@@ -14,7 +14,8 @@ import torch
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.ema import ema_update
-from autossl.ssl.methods._shared import check_choice, has_unlabeled, input_noise, ramp_weight, split_output
+from autossl.ssl.methods._shared import (check_choice, has_unlabeled, input_noise, ramp_weight,
+                                         require_label_maps, split_output)
 from autossl.ssl.registry import register
 
 
@@ -61,6 +62,7 @@ class MeanTeacher(SSLMethod):
         return softmax_mse(student_logits, teacher_logits).mean()
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        require_label_maps(labeled["target"], self.name)
         student = ctx.networks["student"]
         x_l = labeled["data"]
         n_l = x_l.shape[0]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.ema import unwrap
-from autossl.ssl.methods._shared import has_unlabeled, split_output
+from autossl.ssl.methods._shared import has_unlabeled, require_label_maps, split_output
 from autossl.ssl.registry import register
 from autossl.training.losses import SupervisedLoss
 
@@ -93,6 +93,7 @@ class SelfTraining(SSLMethod):
             self._handed_over = True
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
+        require_label_maps(labeled["target"], self.name)
         self.restore_pseudo_labels(ctx)
         net = ctx.networks["student"]
         x_l = labeled["data"]
