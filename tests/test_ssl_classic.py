@@ -225,7 +225,7 @@ def test_cps_step_on_labelled_and_unlabelled_images():
 
 
 def test_cutmix_box_mixing_of_images_and_pseudo_labels_is_exact():
-    from autossl.ssl.methods.cps import cutmix_pairs
+    from autossl.ssl.methods.cps import cutmix
     g = torch.Generator().manual_seed(3)
     for shape in ((6, 8, 10), (12, 9)):
         for _ in range(20):
@@ -238,11 +238,11 @@ def test_cutmix_box_mixing_of_images_and_pseudo_labels_is_exact():
     mask[0, 0, 1:3, 0:2] = 1
     mask[1, 0, 0:1, :] = 1
     partner = torch.tensor([1, 0])
-    mixed = cutmix_pairs(x, mask, partner)
+    mixed = cutmix(x, x[partner], mask)
     assert mixed[0, 0, 1, 1] == x[1, 0, 1, 1] and mixed[0, 0, 0, 0] == x[0, 0, 0, 0]
     assert torch.equal(mixed[1, 0, 0], x[0, 0, 0]) and torch.equal(mixed[1, 0, 1:], x[1, 0, 1:])
     labels = (x > 10).to(torch.int64)
-    mixed_l = cutmix_pairs(labels, mask, partner)
+    mixed_l = cutmix(labels, labels[partner], mask)
     assert mixed_l.dtype == torch.int64
     assert torch.equal(mixed_l, torch.where(mask.bool(), labels[partner], labels))
 

@@ -33,12 +33,13 @@ def cross_pseudo_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Ten
     return ce_loss(logits1, hard_labels(logits2)) + ce_loss(logits2, hard_labels(logits1))
 
 
-def cutmix_pairs(x: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """Mix each sample i with sample ``partner[i]`` of ``x`` where ``mask`` is 1:
-    x[i]·(1 - M_i) + x[partner[i]]·M_i (images) or the same selection for integer labels."""
-    if x.dtype.is_floating_point:
-        return x * (1 - mask.to(x.dtype)) + x[partner] * mask.to(x.dtype)
-    return torch.where(mask.bool(), x[partner], x)
+def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a`` outside and ``b`` inside the box mask M (B, 1, *spatial): a·(1 - M) + b·M for
+    images, the same selection for integer labels."""
+    if a.dtype.is_floating_point:
+        m = mask.to(a.dtype)
+        return a * (1 - m) + b * m
+    return torch.where(mask.bool(), b, a)
 
 
 @register("cps")
@@ -79,9 +80,7 @@ class CPS(SSLMethod):
             y2 = hard_labels(main_output(ctx.networks["cnn2"](pool)))
         mask = box_mask(n_u, x_u.shape[2:], self.cutmix_fraction, cpu_generator(ctx), x_u.device)
         partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
-        full_mask = torch.cat([mask, mask.new_zeros((pool.shape[0] - n_u, *mask.shape[1:]))])
-        full_partner = torch.cat([partner, torch.arange(n_u, pool.shape[0], device=x_u.device)])
-        return tuple(cutmix_pairs(t, full_mask, full_partner)[:n_u] for t in (pool, y1, y2))
+        return tuple(cutmix(t[:n_u], t[partner], mask) for t in (pool, y1, y2))
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
         require_label_maps(labeled["target"], self.name)
