@@ -432,3 +432,26 @@ def test_cli_errors_name_the_fix(ds3d, capsys, monkeypatch, tmp_path):
     assert "autossl_plan_and_preprocess -d 953" in capsys.readouterr().err
     assert main([str(ds3d["id"]), "3d_fullres", "0", "-p", TINY, "-device", "cpu", "--val"]) == 1
     assert "checkpoint_final" in capsys.readouterr().err
+
+
+def test_region_labels_train_with_sigmoid_loss(ds2d, monkeypatch, tmp_path):
+    """dataset.json regions (nnU-Net semantics): targets become region maps, one sigmoid per region."""
+    import shutil
+
+    src = ds2d["preprocessed"]
+    dst = tmp_path / "preprocessed" / "Dataset955_Regions"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("splits_final.json"))
+    dj = load_json(dst / "dataset.json")
+    dj["labels"] = {"background": 0, "whole": [1, 2], "tail": 2}
+    dj["regions_class_order"] = [1, 2]
+    save_json(dj, dst / "dataset.json")
+    monkeypatch.setenv("autossl_preprocessed", str(tmp_path / "preprocessed"))
+    from autossl.training.trainer import Trainer
+
+    t = Trainer(955, "2d", "all", plans=TINY, epochs=1, iterations_per_epoch=2, val_iterations=1, num_workers=0,
+                device="cpu", verbose=False)
+    t.run()
+    batch = next(t._loaders["train"])
+    assert batch["target"][0].shape[1] == 2 and batch["target"][0].dtype == torch.bool  # two region channels
+    hist = t.logger.history
+    assert len(hist["pseudo_dice"][0]) == 2 and np.isfinite(hist["train_loss"][0])

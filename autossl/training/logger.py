@@ -27,13 +27,13 @@ class TrainingLogger:
         self.history["scalars"] = {}         # method scalar name -> list
 
     # ----------------------------------------------------------------- text
-    def print(self, *args, timestamp: bool = True) -> None:
+    def print(self, *args, timestamp: bool = True, console: bool = True) -> None:
         if not self.enabled:
             return
         msg = " ".join(str(a) for a in args)
         if timestamp:
             msg = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}: {msg}"
-        if self.echo:
+        if self.echo and console:
             print(msg, flush=True)
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,8 @@ class TrainingLogger:
 
         h = self.history
         x = list(range(self.num_epochs))
-        scalars = {k: v for k, v in h["scalars"].items() if k in scalar_names or not scalar_names}
+        order = [k for k in scalar_names if k in h["scalars"]] + sorted(k for k in h["scalars"] if k not in scalar_names)
+        scalars = {k: h["scalars"][k] for k in order}  # every logged scalar, the declared ones first
         n_panels = 4 if scalars else 3
         fig, axes = plt.subplots(n_panels, 1, figsize=(12, 3.5 * n_panels))
         ax = axes[0]

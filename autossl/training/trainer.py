@@ -11,6 +11,7 @@ losses through the interface in ``autossl/ssl/base.py``. The trainer never branc
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
@@ -559,9 +560,13 @@ class Trainer:
             if name in ckpt["optimizer_states"]:
                 opt.load_state_dict(ckpt["optimizer_states"][name])
         self.current_step = int(ckpt["current_step"])
-        self.total_steps = int(ckpt["total_steps"])
-        self.num_epochs = int(ckpt.get("num_epochs", self.num_epochs))
         self.iterations_per_epoch = int(ckpt.get("iterations_per_epoch", self.iterations_per_epoch))
+        if self.max_epochs is not None and self.budget_s is None:  # --c --epochs N: a new length
+            self.num_epochs = self.max_epochs
+            self.total_steps = max(self.current_step, self.num_epochs * self.iterations_per_epoch)
+        else:
+            self.num_epochs = int(ckpt.get("num_epochs", self.num_epochs))
+            self.total_steps = int(ckpt["total_steps"])
         for name, sch in self.schedulers.items():
             if name in ckpt["scheduler_states"]:
                 sch.load_state_dict(ckpt["scheduler_states"][name])
@@ -639,6 +644,11 @@ class Trainer:
                                                else "")
             + f", patch {self.patch_size}, device {self.device}, {self.dist.world_size} process(es), "
               f"{self.num_workers} loader worker(s)")
+        self.logger.print(f"configuration {self.configuration} of {self.plans_identifier}: "
+                          f"{json.dumps(self.cfg, default=str)}", console=False)
+        self.logger.print(f"method {self.ssl}: options {self.ssl_options}, networks "
+                          f"{[(s.name, s.arch, s.trainable) for s in self.specs]}, inference "
+                          f"{self.method.inference_networks()}, {self.total_steps} steps", console=False)
         self._save_debug_json()
         ddp.barrier()
 
