@@ -73,6 +73,19 @@ def _rss(pid: int) -> int:
         return 0
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """user + system CPU seconds of one process so far."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _pss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -93,6 +106,7 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self.samples = 0
+        self.cpu: dict[int, float] = {}  # last CPU seconds seen per process
         self._stop_evt = threading.Event()
 
     def run(self) -> None:
@@ -103,6 +117,8 @@ class TreeSampler(threading.Thread):
             if i % 4 == 0:
                 self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
             self.peak_procs = max(self.peak_procs, len(pids))
+            for p in pids:
+                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu(p))
             self.samples += 1
             i += 1
             self._stop_evt.wait(self.interval)
@@ -127,7 +143,8 @@ def measure(cmd: list[str], env: dict, log: Path) -> dict:
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{tail}\n(full log: {log})")
-    return {"wall_s": wall, "peak_rss_gb": sampler.peak_rss / 1e9, "peak_pss_gb": sampler.peak_pss / 1e9,
+    cpu = sum(sampler.cpu.values())  # CPU seconds of the tree as last sampled (load-independent-ish)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": sampler.peak_rss / 1e9, "peak_pss_gb": sampler.peak_pss / 1e9,
             "peak_processes": sampler.peak_procs, "samples": sampler.samples}
 
 
@@ -275,12 +292,12 @@ def main() -> None:
             t["pre"].mkdir(parents=True)
             m = measure(t["cmd"], t["env"], work / f"{name}_run{r}.log")
             runs[name].append(m)
-            print(f"run {r} {name:8s} wall {m['wall_s']:6.1f} s  peak RSS {m['peak_rss_gb']:.2f} GB  "
+            print(f"run {r} {name:8s} wall {m['wall_s']:6.1f} s  CPU {m['cpu_s']:6.1f} s  peak RSS {m['peak_rss_gb']:.2f} GB  "
                   f"peak PSS {m['peak_pss_gb']:.2f} GB  processes {m['peak_processes']}", flush=True)
 
     summary = {}
     for name, ms in runs.items():
-        summary[name] = {k: statistics.median(m[k] for m in ms) for k in ("wall_s", "peak_rss_gb", "peak_pss_gb")}
+        summary[name] = {k: statistics.median(m[k] for m in ms) for k in ("wall_s", "cpu_s", "peak_rss_gb", "peak_pss_gb")}
         summary[name]["outputs"] = check_outputs(tools[name]["pre"], tools[name]["plans"])
     result = {
         "benchmark": "plan_and_preprocess Dataset004_Hippocampus (260 cases), 2d + 3d_fullres",
@@ -292,20 +309,21 @@ def main() -> None:
     }
     if "nnunet" in tools:
         result["ratio_autossl_over_nnunet"] = {
-            k: summary["autossl"][k] / summary["nnunet"][k] for k in ("wall_s", "peak_rss_gb", "peak_pss_gb")}
+            k: summary["autossl"][k] / summary["nnunet"][k] for k in ("wall_s", "cpu_s", "peak_rss_gb", "peak_pss_gb")}
         result["arrays_vs_nnunet"] = compare_arrays(tools["autossl"]["pre"], "autosslPlans",
                                                     tools["nnunet"]["pre"], "nnUNetPlans")
 
     print()
-    print(f"| tool | wall (s) | peak RSS, tree (GB) | peak PSS, tree (GB) | cases 2d / 3d_fullres |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| tool | wall (s) | CPU, tree (s) | peak RSS, tree (GB) | peak PSS, tree (GB) | cases 2d / 3d_fullres |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, s in summary.items():
         o = s["outputs"]
-        print(f"| {name} {result['versions'][name]} | {s['wall_s']:.1f} | {s['peak_rss_gb']:.2f} | "
+        print(f"| {name} {result['versions'][name]} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_gb']:.2f} | "
               f"{s['peak_pss_gb']:.2f} | {o['2d']['cases']} / {o['3d_fullres']['cases']} |")
     if "ratio_autossl_over_nnunet" in result:
         q = result["ratio_autossl_over_nnunet"]
-        print(f"| ratio autossl / nnU-Net | {q['wall_s']:.2f} | {q['peak_rss_gb']:.2f} | {q['peak_pss_gb']:.2f} | |")
+        print(f"| ratio autossl / nnU-Net | {q['wall_s']:.2f} | {q['cpu_s']:.2f} | {q['peak_rss_gb']:.2f} | "
+              f"{q['peak_pss_gb']:.2f} | |")
         print("arrays vs nnU-Net:", json.dumps(result["arrays_vs_nnunet"]))
     out = a.out or work / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

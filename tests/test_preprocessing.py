@@ -423,3 +423,24 @@ def test_hippocampus_subset_end_to_end(env):
     assert {1, 2} <= set(np.unique(seg).tolist())
     with open(pre / ident / f"{storage.list_cases(pre / ident)[0]}.pkl", "rb") as f:
         assert set(pickle.load(f)["class_locations"]) == {1, 2}
+
+
+def test_planner_feature_map_estimate_without_torch_matches_dna():
+    """The planner's torch-free VRAM estimate equals PlainConvUNet.compute_conv_feature_map_size."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from autossl.planning.default_planner import plain_conv_unet_feature_map_size
+
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        dim = 2 + t % 2
+        n = int(rng.integers(2, 7))
+        kw = dict(n_stages=n, features_per_stage=[min(32 * 2 ** i, 320) for i in range(n)],
+                  conv_op=torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d, kernel_sizes=[[3] * dim] * n,
+                  strides=[[1] * dim] + [[int(x) for x in rng.integers(1, 3, dim)] for _ in range(n - 1)],
+                  n_conv_per_stage=2 if t % 3 else [2] * n, n_conv_per_stage_decoder=[2] * (n - 1) if t % 2 else 1)
+        patch = [int(x) for x in rng.integers(8, 120, dim)]
+        ds = t % 4 == 0
+        ref = PlainConvUNet(input_channels=1, num_classes=3, deep_supervision=ds, **kw).compute_conv_feature_map_size(patch)
+        assert plain_conv_unet_feature_map_size(patch, kw, 3, ds) == int(ref)

@@ -37,6 +37,39 @@ def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float], ne
     return np.array([int(round(i / j * k)) for i, j, k in zip(old_spacing, new_spacing, old_shape)])
 
 
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def plain_conv_unet_feature_map_size(patch_size: Sequence[int], arch_kwargs: dict, num_classes: int,
+                                     deep_supervision: bool = False) -> int:
+    """``PlainConvUNet(**arch_kwargs).compute_conv_feature_map_size(patch_size)`` computed directly
+    (dynamic-network-architectures 0.4.x arithmetic; strided-conv pooling, as planned)."""
+    n = int(arch_kwargs["n_stages"])
+    dim = len(patch_size)
+
+    def per_stage(v, count):
+        return list(v) if isinstance(v, (list, tuple)) else [v] * count
+
+    feats = per_stage(arch_kwargs["features_per_stage"], n)
+    strides = [per_stage(s, dim) for s in per_stage(arch_kwargs["strides"], n)]
+    n_conv = per_stage(arch_kwargs["n_conv_per_stage"], n)
+    n_conv_dec = per_stage(arch_kwargs["n_conv_per_stage_decoder"], n - 1)
+    size = [int(p) for p in patch_size]
+    total, skips = 0, []
+    for s in range(n):  # encoder: every conv of a stage outputs features[s] x (size // stride)
+        size = [i // int(j) for i, j in zip(size, strides[s])]
+        total += int(n_conv[s]) * int(feats[s]) * int(np.prod(size, dtype=np.int64))
+        if s < n - 1:
+            skips.append(size)
+    for s in range(n - 1):  # decoder: convs + transposed conv (+ segmentation output)
+        vox = int(np.prod(skips[-(s + 1)], dtype=np.int64))
+        f = int(feats[-(s + 2)])
+        total += int(n_conv_dec[s]) * f * vox + f * vox
+        if deep_supervision or s == n - 2:
+            total += int(num_classes) * vox
+    return total
+
+
 def _json_value(o):
     if isinstance(o, np.integer):
         return int(o)
@@ -222,6 +255,10 @@ class ExperimentPlanner:
     def static_estimate_VRAM_usage(self, patch_size, architecture: dict) -> float:
         """PlainConvUNet.compute_conv_feature_map_size(patch) for this architecture (cached)."""
         key = json.dumps([list(map(int, patch_size)), architecture["arch_kwargs"]], default=_json_value)
+        if key not in self._estimate_cache and architecture["network_class_name"] == PLAIN_CONV_UNET:
+            # the same number without building the network: planning never imports torch
+            self._estimate_cache[key] = float(plain_conv_unet_feature_map_size(
+                patch_size, architecture["arch_kwargs"], self.num_output_channels))
         if key not in self._estimate_cache:
             from autossl.networks.build import locate
 
