@@ -455,3 +455,24 @@ def test_region_labels_train_with_sigmoid_loss(ds2d, monkeypatch, tmp_path):
     assert batch["target"][0].shape[1] == 2 and batch["target"][0].dtype == torch.bool  # two region channels
     hist = t.logger.history
     assert len(hist["pseudo_dice"][0]) == 2 and np.isfinite(hist["train_loss"][0])
+
+
+def test_pseudo_dice_counts_and_ignore_label_sampling(ds3d):
+    from autossl.training.dataloading.dataset import PreprocessedCases
+    from autossl.training.dataloading.loaders import LabeledDataLoader
+    from autossl.training.metrics import dice_from_counts, tp_fp_fn
+
+    target = torch.tensor([[[0, 1, 1, 2, 3, 3]]])  # 3 = ignore label
+    probs = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0, 2, 1, 2]]), 3).permute(0, 2, 1).float()
+    tp, fp, fn = tp_fp_fn(probs, target, ignore_label=3)
+    assert tp.tolist() == [1, 1] and fp.tolist() == [0, 0] and fn.tolist() == [1, 0]  # ignored voxels count for nothing
+    assert dice_from_counts(tp, fp, fn) == pytest.approx([2 / 3, 1.0])
+    assert np.isnan(dice_from_counts(torch.zeros(1), torch.zeros(1), torch.zeros(1))[0])
+
+    loader = LabeledDataLoader(PreprocessedCases(ds3d["data"]), 2, (8, 16, 16), (8, 16, 16), [0, 1, 2],
+                               has_ignore=True, oversample_foreground_percent=0.0)
+    locs = {1: np.zeros((0, 4)), 2: np.zeros((0, 4)), (0, 1, 2): np.array([[0, 10, 12, 14]])}
+    lbs, ubs = loader.get_bbox((16, 20, 20), False, locs)  # not forced: centred on an annotated voxel
+    assert [a + p // 2 for a, p in zip(lbs, (8, 16, 16))] == [10, 12, 14]
+    lbs, _ = loader.get_bbox((16, 20, 20), True, locs)  # forced, no foreground: annotated voxels
+    assert [a + p // 2 for a, p in zip(lbs, (8, 16, 16))] == [10, 12, 14]

@@ -93,19 +93,28 @@ class LabeledDataLoader(_PatchLoader):
         """The last ``oversample_foreground_percent`` of the batch must contain foreground."""
         return not sample_idx < round(self.batch_size * (1 - self.oversample_foreground_percent))
 
+    def _annotated_key(self, class_locations: dict):
+        """The key of the 'annotated voxels' locations (ignore-label datasets): nnU-Net's
+        ``(-1, *all_labels)``, or any tuple key covering every label."""
+        if self.annotated_classes_key in class_locations:
+            return self.annotated_classes_key
+        labels = set(self.annotated_classes_key[1:])
+        return next((k for k in class_locations if isinstance(k, tuple) and labels <= set(k)), None)
+
     def get_bbox(self, data_shape, force_fg: bool, class_locations: dict | None):
         dim = len(data_shape)
         lbs, ubs = _random_bbox(data_shape, self.patch_size, self.need_to_pad)
         selected = None
+        ann = self._annotated_key(class_locations) if class_locations else None
         if force_fg and class_locations:
-            eligible = [k for k, v in class_locations.items() if len(v) > 0 and k != self.annotated_classes_key]
-            if not eligible and len(class_locations.get(self.annotated_classes_key, ())) > 0:
-                eligible = [self.annotated_classes_key]  # no foreground: at least annotated voxels
+            eligible = [k for k, v in class_locations.items() if len(v) > 0 and k != ann]
+            if not eligible and ann is not None and len(class_locations[ann]) > 0:
+                eligible = [ann]  # no foreground: at least annotated voxels
             if eligible:
                 selected = eligible[np.random.choice(len(eligible))]
         elif not force_fg and self.has_ignore and class_locations:
-            if len(class_locations.get(self.annotated_classes_key, ())) > 0:
-                selected = self.annotated_classes_key
+            if ann is not None and len(class_locations[ann]) > 0:
+                selected = ann
             else:
                 warnings.warn("no annotated voxels in a case with an ignore label; cropping at random")
         if selected is not None:
