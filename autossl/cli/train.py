@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(available_methods()))
         return 0
     args = build_parser().parse_args(argv)
+    from autossl.paths import PathNotConfiguredError
     from autossl.ssl.registry import available_methods
     from autossl.training.trainer import Trainer, TrainingError
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                           unlabeled_ratio=args.unlabeled_ratio, num_workers=args.num_workers,
                           compile=True if args.compile else None, save_every=args.save_every, npz=args.npz)
         trainer.run(continue_training=args.c, validation_only=args.val)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, PathNotConfiguredError, ValueError, FileNotFoundError) as e:
         print(f"autossl_train: {e}", file=sys.stderr)
         return 1
     finally:
