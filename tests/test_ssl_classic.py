@@ -585,3 +585,37 @@ def test_labels_of_unlabelled_cases_are_never_read(e2e_env, monkeypatch):
         for p in poisoned:
             p.unlink(missing_ok=True)
     assert touched == []
+
+
+def test_self_training_resumes_with_its_pseudo_labels(e2e_env, monkeypatch):
+    """Interrupted after the round boundary, a resumed run trains on the pseudo-labels stored
+    in the checkpoint (the trainer's pseudo-label files are gone). They are handed over at the
+    first resumed step, whose unlabelled batch was drawn before: the next steps use them."""
+    import shutil
+
+    from autossl.training.trainer import Trainer
+
+    class Stop(Exception):
+        pass
+
+    original = Trainer._end_epoch
+
+    def end_epoch_then_stop(self, *a, **k):
+        original(self, *a, **k)
+        if self.current_step == 3:
+            raise Stop
+
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_stop)
+    options = {"threshold": "0.5", "rounds": "2"}  # round boundary after step round(5 / 2) = 2
+    with pytest.raises(Stop):
+        _train("self_training", "3d_fullres", options, epochs=5, iterations=1)
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    trainer = Trainer(E2E_DATASET, "3d_fullres", "all", ssl="self_training", ssl_options=options, device="cpu",
+                      epochs=5, iterations_per_epoch=1, val_iterations=0, num_workers=0, seed=1, verbose=False)
+    latest = torch.load(trainer.output_folder / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["ssl_state"]["round"] == 1 and len(latest["ssl_state"]["pseudo_labels"]) == 4
+    shutil.rmtree(trainer.output_folder / "pseudo_labels")  # only the checkpoint keeps them
+    trainer.run(continue_training=True)
+    text = "".join(p.read_text() for p in sorted(trainer.output_folder.glob("training_log_*.txt")))
+    last = [line for line in text.splitlines() if "epoch 5/5" in line]
+    assert last and float(re.search(r"loss_unsup ([-+0-9.e]+)", last[-1]).group(1)) > 0
