@@ -11,6 +11,7 @@ the pseudo-labelled term ignoring -1 voxels. By default the network continues fr
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -44,6 +45,23 @@ def _pack(seg: np.ndarray) -> tuple[tuple[int, ...], bytes]:
 def _unpack(packed) -> np.ndarray:
     shape, data = packed
     return np.frombuffer(zlib.decompress(data), dtype=np.int16).reshape(shape).copy()
+
+
+class PackedLabels(Mapping):
+    """{case: seg} that keeps the labels compressed and unpacks one on access, so that handing
+    every unlabelled case's pseudo-label to the loader never holds them all uncompressed."""
+
+    def __init__(self, packed: dict[str, tuple]):
+        self.packed = packed
+
+    def __getitem__(self, case: str) -> np.ndarray:
+        return _unpack(self.packed[case])
+
+    def __iter__(self):
+        return iter(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
 
 
 def reinitialise(net: torch.nn.Module) -> None:
@@ -89,7 +107,7 @@ class SelfTraining(SSLMethod):
         """After a resume: hand the pseudo-labels stored in the checkpoint to the loader again
         (at the first step, when the trainer's loaders exist)."""
         if self._pseudo_labels and not self._handed_over and ctx.set_pseudo_labels is not None:
-            ctx.set_pseudo_labels({case: _unpack(p) for case, p in self._pseudo_labels.items()})
+            ctx.set_pseudo_labels(PackedLabels(self._pseudo_labels))
             self._handed_over = True
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
@@ -122,17 +140,18 @@ class SelfTraining(SSLMethod):
         cases = list(ctx.unlabeled_cases)
         if not cases:
             raise RuntimeError("self_training: the dataset has no preprocessed unlabelled cases to pseudo-label")
-        labels, shares, confs = {}, [], []
+        packed, shares, confs = {}, [], []
         for i in tqdm(range(0, len(cases), self.chunk), desc=f"pseudo-labels (round {round_index + 1})",
                       unit="chunk", leave=False):
             for case, probs in ctx.predict_unlabeled(cases[i:i + self.chunk]).items():
-                labels[case], share, conf = pseudo_label(probs, self.threshold)
+                seg, share, conf = pseudo_label(probs, self.threshold)
+                packed[case] = _pack(seg)
                 shares.append(share)
                 confs.append(conf)
         ctx.log("pl_share", float(np.mean(shares)))
         ctx.log("pl_confidence", float(np.mean(confs)))
-        ctx.set_pseudo_labels(labels)
-        self._pseudo_labels = {case: _pack(seg) for case, seg in labels.items()}
+        self._pseudo_labels = packed
+        ctx.set_pseudo_labels(PackedLabels(packed))
         self._handed_over = True
         self.round = round_index + 1
         if self.reinit:
