@@ -132,13 +132,30 @@ def _plan(dataset_id: int) -> dict:
     return ExperimentPlanner(dataset_id).plan_experiment()
 
 
+@pytest.fixture(scope="module")
+def _planned_once(tmp_path_factory):
+    """Fingerprint and plan once per module (the nnU-Net sampling rule makes tiny datasets slow)."""
+    base = tmp_path_factory.mktemp("planned")
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("raw", "pre"):
+            (base / k).mkdir()
+        mp.setenv("autossl_raw", str(base / "raw"))
+        mp.setenv("autossl_preprocessed", str(base / "pre"))
+        mp.delenv("nnUNet_raw", raising=False)
+        mp.delenv("nnUNet_preprocessed", raising=False)
+        make_synthetic_dataset(base / "raw", 991, "Pp", n_labeled=3, n_unlabeled=2, n_test=1,
+                               shape=(14, 18, 16), spacing=(2.0, 1.0, 1.0), seed=3)
+        plans = _plan(991)
+    return base, plans
+
+
 @pytest.fixture
-def planned(env):
-    """A tiny anisotropic synthetic dataset (1.5 x 1 x 1 mm), fingerprinted and planned."""
-    folder = make_synthetic_dataset(env["raw"], 991, "Pp", n_labeled=3, n_unlabeled=2, n_test=1,
-                                    shape=(14, 18, 16), spacing=(2.0, 1.0, 1.0), seed=3)
-    plans = _plan(991)
-    return folder, plans
+def planned(env, _planned_once):
+    """A tiny anisotropic synthetic dataset (2 x 1 x 1 mm), fingerprinted and planned (a fresh copy)."""
+    base, plans = _planned_once
+    shutil.copytree(base / "raw" / "Dataset991_Pp", env["raw"] / "Dataset991_Pp")
+    shutil.copytree(base / "pre" / "Dataset991_Pp", env["pre"] / "Dataset991_Pp")
+    return env["raw"] / "Dataset991_Pp", plans
 
 
 def test_run_case_labelled_and_unlabelled(planned, env):
@@ -351,8 +368,8 @@ def test_cli_errors_exit_1_without_traceback(env, capsys, monkeypatch):
     assert e.value.code == 1 and "autossl_raw" in capsys.readouterr().err
 
 
-def test_cli_console_script_keeps_torch_out(env):
-    """The installed command runs in a fresh process; preprocessing never imports torch."""
+def test_cli_in_a_fresh_process_keeps_torch_out(env):
+    """plan_and_preprocess in a fresh process never imports torch (workers stay small and start fast)."""
     make_synthetic_dataset(env["raw"], 994, "Proc", n_labeled=2, n_unlabeled=1, n_test=0, shape=(10, 12, 11), seed=7)
     code = ("import sys; from autossl.cli.plan_and_preprocess import main; "
             "from autossl.preprocessing import preprocessor; "
@@ -360,6 +377,7 @@ def test_cli_console_script_keeps_torch_out(env):
             "print('TORCH_IN_MAIN', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=None, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "TORCH_IN_MAIN False" in r.stdout, "fingerprint, planning and preprocessing must not import torch"
     pre = env["pre"] / "Dataset994_Proc"
     assert len(storage.list_cases(pre / "autosslPlans_3d_fullres")) == 2
     r = subprocess.run([sys.executable, "-c", "import sys, autossl.preprocessing.preprocessor as p, "

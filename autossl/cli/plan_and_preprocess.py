@@ -11,7 +11,6 @@ import inspect
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
