@@ -24,6 +24,12 @@ from autossl.utilities.synthetic import make_synthetic_dataset
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _float32(monkeypatch):
+    """Exact comparisons below: no automatic bf16 autocast on CPUs that have it."""
+    monkeypatch.setenv("autossl_cpu_amp", "0")
+
+
 # ============================================================================ fake networks
 class Affine(nn.Module):
     """Per-voxel linear map of the input channels to the heads: shift-equivariant, so sliding
@@ -147,6 +153,25 @@ def test_members_average_probabilities():
     with torch.no_grad():
         expected_r = (a(x[None]).sigmoid() + b(x[None]).sigmoid())[0] / 2
     assert torch.allclose(out_r.sigmoid(), expected_r, atol=1e-5)
+
+
+def test_autocast_choice(monkeypatch):
+    from autossl.inference import sliding_window as sw
+
+    assert sw.autocast_dtype("cuda", None) == torch.float16
+    assert sw.autocast_dtype("cuda", False) is None
+    assert sw.autocast_dtype("cpu", True) == torch.bfloat16
+    assert sw.autocast_dtype("cpu", None) is None  # autossl_cpu_amp=0 (fixture)
+    monkeypatch.setenv("autossl_cpu_amp", "1")
+    assert sw.autocast_dtype("cpu", None) == (torch.bfloat16 if sw.cpu_has_native_bf16() else None)
+    # bf16 stays close to float32
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.LeakyReLU(), nn.Conv3d(4, 2, 3, padding=1)).eval()
+    x = torch.randn(1, 10, 12, 9)
+    a = predict_sliding_window(net, x, (8, 8, 8), 2, use_amp=False)
+    b = predict_sliding_window(net, x, (8, 8, 8), 2, use_amp=True)
+    assert b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max().item())
 
 
 def test_wrong_head_count_is_reported():
@@ -478,6 +503,15 @@ def test_cli_errors(tmp_path, monkeypatch, capsys, raw3d):
     rc = main(["-i", str(raw3d / "imagesTs"), "-o", str(tmp_path / "o2"), "-d", "999", "-c", "3d_fullres",
                "-device", "cpu", "--disable_tta", "--disable_progress_bar", "-npp", "1", "-nps", "1"])
     assert rc == 0 and len(list((tmp_path / "o2").glob("*.nii.gz"))) == 3
+
+
+def test_cli_trainer_name_matches_the_trainer():
+    from autossl.cli.predict import trainer_name
+    from autossl.training.trainer import trainer_name as train_name
+
+    for ssl in ("none", "ucmt", "mean_teacher"):
+        for network in ("cnn", "transformer"):
+            assert trainer_name(ssl, network) == train_name(ssl, network)
 
 
 def test_ensemble_cli_errors(tmp_path, capsys):

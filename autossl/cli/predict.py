@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("-device", default="cpu" if not _cuda() else "cuda", choices=("cpu", "cuda", "mps"),
                    help="device (default cuda when available, else cpu)")
+    p.add_argument("--fp32", action="store_true",
+                   help="no autocast: by default CUDA runs float16 and CPUs with native bf16 (AMX, AVX512-BF16) "
+                        "run bfloat16, like nnU-Net's mixed precision on the GPU")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
     p.add_argument("--postprocess", action="store_true",
                    help="apply the model folder's postprocessing.json (autossl_determine_postprocessing)")
@@ -54,13 +57,19 @@ def _cuda() -> bool:
         return False
 
 
+def trainer_name(ssl: str, network: str = "cnn") -> str:
+    """The trainer's folder naming (``autossl.training.trainer.trainer_name``, repeated here so that
+    predicting does not import the trainer; a test keeps the two equal)."""
+    name = "autosslTrainer" if ssl in ("none", "", None) else f"autosslTrainer_{ssl}"
+    return name + ("_transformer" if network == "transformer" else "")
+
+
 def model_folder_from_args(args) -> Path:
     if args.m:
         return Path(args.m)
     if args.d is None or args.c is None:
         raise ValueError("give -d DATASET and -c CONFIGURATION (or -m MODEL_FOLDER)")
     from autossl import paths
-    from autossl.training.trainer import trainer_name
     from autossl.utilities.dataset_name import find_dataset_name
 
     trainer = args.tr or trainer_name(args.ssl, args.network)
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     folds = [f if f == "all" else int(f) for f in args.f] if args.f else None
     predictor = Predictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                           device=torch.device(args.device), verbose=args.verbose,
-                          allow_tqdm=not args.disable_progress_bar)
+                          allow_tqdm=not args.disable_progress_bar, use_amp=False if args.fp32 else None)
     try:
         predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
         written = predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             apply_postprocessing_to_folder(args.o, args.o, pp, predictor.dataset_json,
                                            predictor.plans_manager.plans, max(1, args.nps),
-                                           allow_tqdm=not args.disable_progress_bar)
+                                           allow_tqdm=not args.disable_progress_bar, use_amp=False if args.fp32 else None)
             print(f"applied {pp}")
     return 0
 

@@ -130,9 +130,13 @@ def _fold_key(f) -> int | str:
 
 # ---------------------------------------------------------------------------------------------
 class Predictor:
+    """See the module docstring. ``batch_size``: network inputs per forward pass (default by patch
+    size); ``use_amp``: None = automatic autocast (float16 on CUDA, bfloat16 on CPUs with native
+    bf16), False = float32 throughout (``sliding_window.autocast_dtype``)."""
+
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  device: torch.device | str = torch.device("cpu"), verbose: bool = False, allow_tqdm: bool = True,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, use_amp: bool | None = None):
         self.tile_step_size = tile_step_size
         self.use_gaussian = use_gaussian
         self.use_mirroring = use_mirroring
@@ -142,6 +146,7 @@ class Predictor:
         self.verbose = verbose
         self.allow_tqdm = allow_tqdm
         self.batch_size = batch_size
+        self.use_amp = use_amp
         self.plans_manager = self.configuration_manager = self.dataset_json = self.label_manager = None
         self.trainer_name: str | None = None
         self.allowed_mirroring_axes: tuple[int, ...] | None = None
@@ -303,7 +308,7 @@ class Predictor:
             mods, self.configuration_manager.patch_size, self.label_manager.num_segmentation_heads,
             tile_step_size=self.tile_step_size, use_gaussian=self.use_gaussian, mirror_axes=mirror,
             regions=self.label_manager.has_regions, device=device, batch_size=self.batch_size,
-            allow_tqdm=False, verbose=self.verbose)
+            use_amp=self.use_amp, allow_tqdm=False, verbose=self.verbose)
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor | np.ndarray) -> torch.Tensor:
