@@ -521,3 +521,37 @@ def test_ensemble_cli_errors(tmp_path, capsys):
     a.mkdir()
     assert main(["-i", str(a), str(tmp_path / "missing"), "-o", str(tmp_path / "o")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+# ============================================================================ real data
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("reader", ["SimpleITKIO", "NibabelIO"])
+def test_real_hippocampus_geometry(tmp_path, reader):
+    """A real MSD Hippocampus image: the prediction has its exact size, spacing, origin, direction
+    (SimpleITK) resp. affine (nibabel)."""
+    import nibabel as nib
+
+    images = sorted((REAL / "imagesTr").glob("hippocampus_*.nii.gz")) if REAL.is_dir() else []
+    if not images:
+        pytest.skip(f"real data not found at {REAL}")
+    src = images[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / (src.name[:-7] + "_0000.nii.gz")).write_bytes(src.read_bytes())
+    img = sitk.ReadImage(str(src))
+    spacing = list(img.GetSpacing()[::-1])  # array order (both readers give z, y, x)
+    plans = tiny_plans(spacing=spacing, patch=(16, 16, 16), reader=reader)
+    pred = Predictor(allow_tqdm=False)
+    pred.manual_initialization([{"network": _random_unet_states(plans, "3d_fullres", 0)}],
+                               [{"name": "network", "arch": "cnn"}], plans, "3d_fullres", DATASET_JSON, (0, 1, 2))
+    out = tmp_path / "out"
+    pred.predict_from_files(inp, out, save_probabilities=True)
+    result = out / src.name
+    _assert_same_geometry(src, result)
+    a, b = nib.load(str(src)), nib.load(str(result))
+    assert np.allclose(a.affine, b.affine) and a.shape == b.shape
+    with np.load(out / (src.name[:-7] + ".npz")) as f:
+        assert f["probabilities"].shape == (3, *sitk.GetArrayFromImage(img).shape)
