@@ -380,11 +380,17 @@ def test_hippocampus_default_plans_equal_nnunet(hippocampus):
 @pytest.mark.realdata
 def test_hippocampus_cpu_plans_are_lighter(hippocampus):
     _, plans, cpu = hippocampus
+    assert cpu["plans_name"] == "autosslPlansCPU" and cpu["experiment_planner_used"] == "CPUPlanner"
     d, c = plans["configurations"]["3d_fullres"], cpu["configurations"]["3d_fullres"]
-    assert c["patch_size"] == d["patch_size"]  # whole image in one window at inference
-    assert 2 <= c["batch_size"] <= 4 < d["batch_size"]
-    assert max(c["architecture"]["arch_kwargs"]["features_per_stage"]) <= 128
-    assert c["transformer_architecture"]["preset"] in ("XT", "T")
+    # the H3D preset documented in documentation/planning.md
+    assert c["patch_size"] == [32, 40, 32] and c["batch_size"] == 2
+    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64]
+    assert c["architecture"]["arch_kwargs"]["strides"] == d["architecture"]["arch_kwargs"]["strides"]
+    assert c["spacing"] == d["spacing"] and c["normalization_schemes"] == d["normalization_schemes"]
+    assert c["transformer_architecture"]["preset"] == "T"
+    assert c["transformer_architecture"]["arch_kwargs"]["input_shape"] == [32, 40, 32]
+    c2 = cpu["configurations"]["2d"]
+    assert 2 <= c2["batch_size"] <= CPUPlanner.UNet_max_batch_size_2d < plans["configurations"]["2d"]["batch_size"]
 
 
 @pytest.mark.realdata
