@@ -1,0 +1,176 @@
+"""Quality benchmarks of ../shared/protocols/ssl_quality.md: H3D (Hippocampus, 3d_fullres) and
+A2D (ACDC, 2d), for any list of methods, run as a user would run them (converter -> plan and
+preprocess -> train -> predict -> evaluate), each step through the console commands.
+
+    python benchmarks/ssl_quality.py --protocol H3D --labeled labeled_10 \
+        --methods none mean_teacher ua_mt cps fixmatch self_training cross_teaching ucmt --upper-bound
+
+Writes <workdir>/results.json and results.md (one row per method and seed) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+
+PROTOCOLS = {
+    "H3D": dict(config="3d_fullres", source=SHARED / "data" / "Task04_Hippocampus",
+                split=SHARED / "protocols" / "hippocampus_split.json", base_id=200, name="HippocampusH3D",
+                classes={"1": "anterior", "2": "posterior"}),
+    "A2D": dict(config="2d", source=SHARED / "data" / "ACDC_ssl4mis", split=None, base_id=270, name="ACDCA2D",
+                classes={"1": "RV", "2": "Myo", "3": "LV"}),
+}
+
+
+def run(cmd: list[str], env: dict, log: Path) -> float:
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}; see {log}")
+    return time.time() - t0
+
+
+def build_dataset(proto: dict, protocol: str, labeled: str, ds_id: int, env: dict, work: Path, log: Path) -> tuple[str, Path]:
+    name = f"{proto['name']}{labeled.replace('_', '').replace('labeled', 'L')}"
+    raw = Path(env["autossl_raw"]) / f"Dataset{ds_id:03d}_{name}"
+    test_labels = work / f"testlabels_{ds_id}"
+    if not raw.is_dir():
+        if protocol == "H3D":
+            run([sys.executable, "-m", "dataset_conversion.convert_msd", "-i", str(proto["source"]), "-d", str(ds_id),
+                 "--name", name, "--split", str(proto["split"]), "--labeled", labeled,
+                 "--test-labels-out", str(test_labels)], env, log)
+        else:
+            run([sys.executable, "-m", "dataset_conversion.convert_acdc_ssl4mis", "-i", str(proto["source"]),
+                 "-d", str(ds_id), "--name", name, "--labeled-patients", labeled,
+                 "--test-labels-out", str(test_labels)], env, log)
+    return f"Dataset{ds_id:03d}_{name}", test_labels
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="H3D")
+    ap.add_argument("--labeled", default=None, help="H3D: labeled_10|labeled_20; A2D: 3|7 (default labeled_10 / 7)")
+    ap.add_argument("--methods", nargs="+", default=["none", "mean_teacher"])
+    ap.add_argument("--upper-bound", action="store_true", help="also train supervised on every pool case")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--iterations-per-epoch", type=int, default=50)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--planner", default="cpu", help="-pl for autossl_plan_and_preprocess (default: cpu)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", type=Path, default=HERE / "out")
+    ap.add_argument("--ssl-opt", nargs="*", default=[], help="extra --ssl-opt passed to every SSL method")
+    args = ap.parse_args(argv)
+
+    proto = PROTOCOLS[args.protocol]
+    labeled = args.labeled or ("labeled_10" if args.protocol == "H3D" else "7")
+    if not proto["source"].exists():
+        raise SystemExit(f"{proto['source']} not found: the protocol needs ../shared/data")
+    work = (args.workdir / args.protocol).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for k in ("raw", "preprocessed", "results"):
+        env[f"autossl_{k}"] = str(work / k)
+    env.setdefault("autossl_n_proc_DA", "2")
+    log = work / "commands.log"
+    plans = {"cpu": "autosslPlansCPU"}.get(args.planner, "autosslPlans")
+    epochs = max(1, args.steps // args.iterations_per_epoch)
+
+    settings = [(labeled, m) for m in args.methods]
+    if args.upper_bound:
+        settings.append(("all", "none"))
+    rows = []
+    results_file = work / "results.json"
+    done = {(r["labeled"], r["method"], r["seed"]): r for r in (json.loads(results_file.read_text())["rows"] if results_file.exists() else [])}
+    prepared: dict[str, tuple[str, Path]] = {}
+    for lab, method in settings:
+        if lab not in prepared:
+            ds_id = proto["base_id"] + {"labeled_10": 0, "3": 0, "labeled_20": 1, "7": 1}.get(lab, 9)
+            ds, test_labels = build_dataset(proto, args.protocol, lab, ds_id, env, work, log)
+            if not (Path(env["autossl_preprocessed"]) / ds / f"{plans}.json").exists():
+                t = run(["autossl_plan_and_preprocess", "-d", str(ds_id), "-c", proto["config"], "-np", "2",
+                         "-pl", args.planner], env, log)
+                print(f"[{ds}] planned and preprocessed in {t:.0f} s", flush=True)
+            prepared[lab] = (ds, test_labels)
+        ds, test_labels = prepared[lab]
+        for seed in args.seeds:
+            key = (lab, method, seed)
+            if key in done:
+                rows.append(done[key])
+                continue
+            pred = work / "predictions" / f"{ds}_{method}_s{seed}"
+            ssl_opts = ["--ssl-opt", *args.ssl_opt] if args.ssl_opt and method != "none" else []
+            train_cmd = ["autossl_train", ds, proto["config"], "all", "-p", plans, "--ssl", method,
+                         "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
+                         "--seed", str(seed), "-device", args.device, *ssl_opts]
+            t_train = run(train_cmd, env, log)
+            t_pred = run(["autossl_predict", "-i", str(Path(env["autossl_raw"]) / ds / "imagesTs"), "-o", str(pred),
+                          "-d", ds, "-c", proto["config"], "-p", plans, "--ssl", method, "-f", "all",
+                          "-device", args.device], env, log)
+            row = evaluate(pred, test_labels, Path(env["autossl_raw"]) / ds / "dataset.json", proto)
+            row.update(labeled=lab, method=method, seed=seed, steps=epochs * args.iterations_per_epoch,
+                       train_s=round(t_train, 1), predict_s=round(t_pred, 1))
+            rows.append(row)
+            done[key] = row
+            write_tables(rows, work, args)
+            print(format_row(row), flush=True)
+    write_tables(rows, work, args)
+    print((work / "results.md").read_text())
+
+
+def evaluate(pred: Path, ref: Path, dataset_json: Path, proto: dict) -> dict:
+    from autossl.evaluation.evaluate import compute_metrics_on_folder
+    from autossl.imageio.registry import reader_writer_class
+
+    dj = json.loads(dataset_json.read_text())
+    summary = compute_metrics_on_folder(str(ref), str(pred), str(pred / "summary.json"),
+                                        reader_writer_class(dj["file_ending"])(), dj["file_ending"],
+                                        [int(k) for k in proto["classes"]], None, 2)
+    mean = summary["mean"]
+    row = {"dice": {}, "hd95": {}, "asd": {}}
+    for k, name in proto["classes"].items():
+        m = mean.get(k) or mean.get(int(k))
+        row["dice"][name] = 100 * m["Dice"]
+        row["hd95"][name] = m.get("HD95")
+        row["asd"][name] = m.get("ASD")
+    row["mean_dice"] = float(np.mean(list(row["dice"].values())))
+    row["mean_hd95"] = float(np.nanmean([v for v in row["hd95"].values() if v is not None]))
+    row["mean_asd"] = float(np.nanmean([v for v in row["asd"].values() if v is not None]))
+    return row
+
+
+def format_row(r: dict) -> str:
+    dice = " | ".join(f"{v:.1f}" for v in r["dice"].values())
+    return (f"| {r['method']} | {r['labeled']} | {r['seed']} | {dice} | {r['mean_dice']:.1f} | {r['mean_hd95']:.2f} | "
+            f"{r['mean_asd']:.2f} | {r['steps']} | {r['train_s']:.0f} | {r.get('step_overhead', float('nan')):.2f} |")
+
+
+def write_tables(rows: list[dict], work: Path, args) -> None:
+    sup = {(r["labeled"], r["seed"]): r["train_s"] / max(1, r["steps"]) for r in rows if r["method"] == "none"}
+    for r in rows:
+        base = sup.get((r["labeled"], r["seed"]))
+        r["step_overhead"] = (r["train_s"] / max(1, r["steps"])) / base if base else float("nan")
+    classes = list(rows[0]["dice"]) if rows else []
+    head = ("| method | labelled | seed | " + " | ".join(f"Dice {c}" for c in classes) +
+            " | mean Dice | HD95 (mm) | ASD (mm) | steps | train wall (s) | step time / supervised |")
+    sep = "|" + " --- |" * (len(classes) + 9)
+    md = "\n".join([head, sep] + [format_row(r) for r in rows]) + "\n"
+    from autossl.utilities.file_io import save_json
+
+    save_json({"protocol": args.protocol, "command": " ".join(sys.argv), "rows": rows}, work / "results.json")
+    (work / "results.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()
