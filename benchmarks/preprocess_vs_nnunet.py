@@ -253,6 +253,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool (the median is reported)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: <workdir>/results.json)")
     ap.add_argument("--skip-nnunet", action="store_true", help="time autossl only (no ratio)")
+    ap.add_argument("--nnunet-npfp", type=int, default=None,
+                    help="pass -npfp N to nnU-Net (default: not passed, i.e. nnU-Net's 8 fingerprint workers, "
+                         "as the protocol's command)")
     a = ap.parse_args()
     if not TASK.is_dir():
         raise SystemExit(f"{TASK}: MSD Task04_Hippocampus not found")
@@ -277,6 +280,8 @@ def main() -> None:
         nbin = nnunet_venv(a.venv.resolve())
         tools["nnunet"]["cmd"] = [str(nbin / "nnUNetv2_plan_and_preprocess"), "-d", "4", "-np", str(a.np),
                                   "-c", *CONFIGS]
+        if a.nnunet_npfp is not None:
+            tools["nnunet"]["cmd"] += ["-npfp", str(a.nnunet_npfp)]
         tools["nnunet"]["env"] = dict(_clean_env(), nnUNet_raw=str(tools["nnunet"]["raw"]),
                                       nnUNet_preprocessed=str(tools["nnunet"]["pre"]),
                                       nnUNet_results=str(tools["nnunet"]["res"]))
