@@ -251,7 +251,8 @@ def test_plans_on_synthetic_3d_dataset(env):
     assert cfg["batch_dice"] is False and plans["configurations"]["2d"]["batch_dice"] is True
     # 6 cases x ~20*28*24 voxels: the 5% cap keeps the batch at the minimum of 2
     assert cfg["batch_size"] == 2
-    assert all(p % e == 0 for p, e in zip(cfg["patch_size"], cfg["transformer_architecture"]["arch_kwargs"]["patch_embed_size"]))
+    embed = cfg["transformer_architecture"]["arch_kwargs"]["patch_embed_size"]
+    assert all(p % e == 0 for p, e in zip(cfg["patch_size"], embed))
 
     cpu = get_planner("cpu")(996).plan_experiment()
     assert cpu["plans_name"] == "autosslPlansCPU" and (pre / folder.name / "autosslPlansCPU.json").is_file()
@@ -278,6 +279,17 @@ def test_2d_png_dataset_gets_2d_plan_only(env):
     tr = cfg.transformer_architecture
     assert tr["network_class_name"] == "autossl.networks.transformer2d.Primus2D"
     assert tr["arch_kwargs"]["input_shape"] == cfg.patch_size and len(tr["arch_kwargs"]["patch_embed_size"]) == 2
+    # the 2D transformer builds from the entry (tiny width/depth for the test) and runs at the patch
+    import torch
+
+    from autossl.networks.build import build_network
+
+    arch = json.loads(json.dumps(tr))
+    arch["arch_kwargs"].update(embed_dim=16, eva_depth=1, eva_numheads=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = build_network(arch, input_channels=1, num_classes=3)(torch.randn(1, 1, *cfg.patch_size))
+    assert tuple(out.shape) == (1, 3, *cfg.patch_size)
 
 
 def test_plans_manager_accessors_and_inheritance(tmp_path):

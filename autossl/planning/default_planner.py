@@ -30,7 +30,8 @@ ANISO_THRESHOLD = 3
 RESAMPLING_FN = "resample_data_or_seg_to_shape"
 
 
-def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
+def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float],
+                      new_spacing: Sequence[float]) -> np.ndarray:
     """Shape after resampling from ``old_spacing`` to ``new_spacing`` (nnU-Net's rounding)."""
     if not len(old_shape) == len(old_spacing) == len(new_spacing):
         raise ValueError(f"shape {old_shape}, spacing {old_spacing} and new spacing {new_spacing} differ in length")
@@ -229,8 +230,8 @@ class ExperimentPlanner:
 
     def architecture(self, dim: int, conv_kernel_sizes, pool_op_kernel_sizes) -> dict:
         num_stages = len(pool_op_kernel_sizes)
-        conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
-        norm = "torch.nn.modules.instancenorm.InstanceNorm2d" if dim == 2 else "torch.nn.modules.instancenorm.InstanceNorm3d"
+        conv = f"torch.nn.modules.conv.Conv{dim}d"
+        norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
         return {
             "network_class_name": self.UNet_class_name,
             "arch_kwargs": {
@@ -305,7 +306,8 @@ class ExperimentPlanner:
             estimate = self.static_estimate_VRAM_usage(patch_size, arch)
 
         batch_size = round(reference / estimate * ref_bs)
-        bs_5_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64))
+        bs_5_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered
+                             / np.prod(patch_size, dtype=np.float64))
         batch_size = max(min(batch_size, bs_5_percent), self.UNet_min_batch_size)
         max_bs = self.UNet_max_batch_size_2d if dim == 2 else self.UNet_max_batch_size_3d
         if max_bs is not None:

@@ -40,7 +40,8 @@ class ConfigurationManager:
         try:
             return self.configuration[key]
         except KeyError:
-            raise KeyError(f"the configuration {self.configuration.get('data_identifier', '?')} has no entry {key!r}") from None
+            where = self.configuration.get("data_identifier", "?")
+            raise KeyError(f"the configuration {where} has no entry {key!r}") from None
 
     @property
     def data_identifier(self) -> str:
@@ -222,8 +223,9 @@ class PlansManager:
     @property
     def foreground_intensity_properties_per_channel(self) -> dict:
         p = self.plans
-        if "foreground_intensity_properties_per_channel" not in p and "foreground_intensity_properties_by_modality" in p:
-            return p["foreground_intensity_properties_by_modality"]
+        old_key = "foreground_intensity_properties_by_modality"  # older nnU-Net plans
+        if "foreground_intensity_properties_per_channel" not in p and old_key in p:
+            return p[old_key]
         return p["foreground_intensity_properties_per_channel"]
 
     def get_label_manager(self, dataset_json: dict):

@@ -134,4 +134,5 @@ def get_normalization_class(name: str) -> type[ImageNormalization]:
     try:
         return NORMALIZATION_CLASSES[name]
     except KeyError:
-        raise ValueError(f"unknown normalization scheme {name!r} in the plans; known: {sorted(NORMALIZATION_CLASSES)}") from None
+        raise ValueError(f"unknown normalization scheme {name!r} in the plans; "
+                         f"known: {sorted(NORMALIZATION_CLASSES)}") from None
