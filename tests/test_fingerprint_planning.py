@@ -326,37 +326,64 @@ def test_plans_manager_accessors_and_inheritance(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Hippocampus
-def _hippocampus_raw(raw_root: Path) -> Path:
-    """Dataset004_Hippocampus in the raw format: MSD images (single channel) linked as _0000 files."""
-    folder = raw_root / "Dataset004_Hippocampus"
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    msd = load_json(HIPPOCAMPUS / "dataset.json")
-    for entry in msd["training"]:
-        case = Path(entry["image"]).name[: -len(".nii.gz")]
-        (folder / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz")
-        (folder / "labelsTr" / f"{case}.nii.gz").symlink_to(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")
-    save_json({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
-               "numTraining": len(msd["training"]), "file_ending": ".nii.gz", "name": "Hippocampus"},
-              folder / "dataset.json")
-    return folder
+def _hippocampus_raw(raw_root: Path, dataset_id: int = 4, split: dict | None = None) -> Path:
+    """Hippocampus in the raw format, by the project's MSD converter (``split``: its semi-supervised
+    mode); without the converter, all cases as labelled ones via symlinks (MSD images are single-channel)."""
+    try:
+        from dataset_conversion.convert_msd import convert_msd
+    except ImportError:
+        if split is not None:
+            pytest.skip("dataset_conversion.convert_msd is not available")
+        folder = raw_root / f"Dataset{dataset_id:03d}_Hippocampus"
+        (folder / "imagesTr").mkdir(parents=True)
+        (folder / "labelsTr").mkdir()
+        msd = load_json(HIPPOCAMPUS / "dataset.json")
+        for entry in msd["training"]:
+            case = Path(entry["image"]).name[: -len(".nii.gz")]
+            (folder / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(HIPPOCAMPUS / "imagesTr" / f"{case}.nii.gz")
+            (folder / "labelsTr" / f"{case}.nii.gz").symlink_to(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz")
+        save_json({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+                   "numTraining": len(msd["training"]), "file_ending": ".nii.gz", "name": "Hippocampus"},
+                  folder / "dataset.json")
+        return folder
+    return convert_msd(HIPPOCAMPUS, dataset_id, "Hippocampus", **(split or {}))
 
 
-@pytest.fixture(scope="module")
-def hippocampus(tmp_path_factory):
-    if not (HIPPOCAMPUS / "dataset.json").is_file():
-        pytest.skip(f"real data absent: {HIPPOCAMPUS} (MSD Task04_Hippocampus) not found")
-    root = tmp_path_factory.mktemp("hippocampus")
+def _planned(root: Path, dataset_id: int, split: dict | None = None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("autossl_raw", str(root / "raw"))
         mp.setenv("autossl_preprocessed", str(root / "pre"))
         mp.setenv("autossl_results", str(root / "res"))
         (root / "pre").mkdir()
-        _hippocampus_raw(root / "raw")
-        fp = extract_fingerprint(4, num_processes=2)
-        default = ExperimentPlanner(4).plan_experiment()
-        cpu = CPUPlanner(4).plan_experiment()
+        _hippocampus_raw(root / "raw", dataset_id, split)
+        fp = extract_fingerprint(dataset_id, num_processes=2)
+        default = ExperimentPlanner(dataset_id).plan_experiment()
+        cpu = CPUPlanner(dataset_id).plan_experiment()
     return fp, default, cpu
+
+
+def _need_hippocampus():
+    if not (HIPPOCAMPUS / "dataset.json").is_file():
+        pytest.skip(f"real data absent: {HIPPOCAMPUS} (MSD Task04_Hippocampus) not found")
+
+
+@pytest.fixture(scope="module")
+def hippocampus(tmp_path_factory):
+    """Dataset004_Hippocampus with all 260 cases labelled, as nnU-Net plans it."""
+    _need_hippocampus()
+    return _planned(tmp_path_factory.mktemp("hippocampus"), 4)
+
+
+@pytest.fixture(scope="module")
+def hippocampus_h3d(tmp_path_factory):
+    """The H3D layout: 10 labelled, 190 unlabelled, 60 test cases (protocols/hippocampus_split.json)."""
+    _need_hippocampus()
+    split_file = SHARED_DATA.parent / "protocols" / "hippocampus_split.json"
+    if not split_file.is_file():
+        pytest.skip(f"{split_file} not found")
+    root = tmp_path_factory.mktemp("h3d")
+    split = {"split_file": split_file, "labeled": "labeled_10", "test_labels_out": root / "test_labels"}
+    return _planned(root, 204, split)
 
 
 @pytest.mark.realdata
@@ -423,3 +450,15 @@ def test_primus_from_3d_plan_runs_at_planned_patch(hippocampus):
     with torch.no_grad():
         out = net(torch.randn(1, 1, *cfg.patch_size))
     assert tuple(out.shape) == (1, 3, *cfg.patch_size)
+
+
+@pytest.mark.realdata
+def test_h3d_layout_fingerprint_and_cpu_preset(hippocampus_h3d):
+    fp, plans, cpu = hippocampus_h3d
+    assert fp["n_labeled"] == 10 and fp["n_unlabeled"] == 190 and len(fp["spacings"]) == 200
+    # the batch-size cap counts labelled + unlabelled cases: 0.05 * 36*50*35 * 200 / (40*56*40) -> 7
+    # (nnU-Net, counting the 10 labelled cases only, would plan 2)
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 7
+    c = cpu["configurations"]["3d_fullres"]
+    assert c["patch_size"] == [32, 40, 32] and c["batch_size"] == 2  # the documented H3D CPU preset
+    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64]

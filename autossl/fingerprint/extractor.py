@@ -146,8 +146,9 @@ def _run_cases(jobs: list[tuple], num_processes: int) -> list[dict]:
             for fut in tqdm(as_completed(futures), total=len(futures), desc=desc):
                 results[futures[fut]] = fut.result()
     except BrokenProcessPool:
-        raise RuntimeError("a fingerprint worker died without an error message; this usually means the "
-                           "operating system killed it for lack of memory. Use fewer processes (-np).") from None
+        raise RuntimeError("a fingerprint worker process died (look for a traceback above); without one, the "
+                           "operating system most likely killed it for lack of memory: use fewer processes "
+                           "(-np)") from None
     return results
 
 
