@@ -321,3 +321,17 @@ def test_postprocessing_not_kept_when_it_hurts(tmp_path):
     assert result["postprocessing_fns"] == []
     assert result["dice_after"] == result["dice_before"]
     assert not (pred / "postprocessed").exists()
+
+
+def test_postprocessing_clis(tmp_path, capsys):
+    from autossl.cli.postprocessing import apply_main, determine_main
+
+    ref, pred = _pp_folders(tmp_path, stray=True, two_ref_components=False)
+    out = tmp_path / "decision"
+    assert determine_main(["-i", str(pred), "-ref", str(ref), "-o", str(out), "-np", "1"]) == 0
+    assert json.loads((out / "postprocessing.json").read_text())["postprocessing_kwargs"][0]["labels_or_regions"] == [1, 2]
+    assert apply_main(["-i", str(pred), "-o", str(tmp_path / "applied"), "-pp_file", str(out / "postprocessing.json"),
+                       "-np", "1"]) == 0
+    assert len(list((tmp_path / "applied").glob("*.nii.gz"))) == 3
+    assert determine_main(["-i", str(pred), "-np", "1"]) == 1
+    assert "-ref" in capsys.readouterr().err

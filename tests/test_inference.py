@@ -555,3 +555,29 @@ def test_real_hippocampus_geometry(tmp_path, reader):
     assert np.allclose(a.affine, b.affine) and a.shape == b.shape
     with np.load(out / (src.name[:-7] + ".npz")) as f:
         assert f["probabilities"].shape == (3, *sitk.GetArrayFromImage(img).shape)
+
+
+def test_cli_postprocess_applies_the_model_folders_rule(tmp_path, monkeypatch, raw3d):
+    import cc3d
+
+    from autossl.cli.predict import main
+    from autossl.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation as keep_largest, save_postprocessing)
+
+    monkeypatch.setenv("autossl_results", str(tmp_path / "res"))
+    monkeypatch.setenv("autossl_raw", str(tmp_path / "raw"))
+    mf = _model_folder(tmp_path / "res", tiny_plans(), folds=(0,))
+    args = ["-i", str(raw3d / "imagesTs"), "-d", "999", "-c", "3d_fullres", "-device", "cpu", "--disable_tta",
+            "--disable_progress_bar"]
+    assert main(args + ["-o", str(tmp_path / "plain")]) == 0
+    save_postprocessing(mf, [keep_largest], [{"labels_or_regions": [1, 2]}])
+    assert main(args + ["-o", str(tmp_path / "pp"), "--postprocess"]) == 0
+    changed = 0
+    for f in sorted((tmp_path / "pp").glob("*.nii.gz")):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / f.name)))
+        assert np.array_equal(seg, keep_largest(plain, [1, 2]))
+        assert cc3d.connected_components(seg > 0, connectivity=26).max() <= 1
+        changed += int(not np.array_equal(seg, plain))
+        _assert_same_geometry(raw3d / "imagesTs" / f.name.replace(".nii.gz", "_0000.nii.gz"), f)
+    assert changed > 0  # the random network leaves stray components that the rule removes

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             apply_postprocessing_to_folder(args.o, args.o, pp, predictor.dataset_json,
                                            predictor.plans_manager.plans, max(1, args.nps),
-                                           allow_tqdm=not args.disable_progress_bar, use_amp=False if args.fp32 else None)
+                                           allow_tqdm=not args.disable_progress_bar)
             print(f"applied {pp}")
     return 0
 
