@@ -581,3 +581,18 @@ def test_cli_postprocess_applies_the_model_folders_rule(tmp_path, monkeypatch, r
         changed += int(not np.array_equal(seg, plain))
         _assert_same_geometry(raw3d / "imagesTs" / f.name.replace(".nii.gz", "_0000.nii.gz"), f)
     assert changed > 0  # the random network leaves stray components that the rule removes
+
+
+def test_2d_configuration_on_3d_volumes(raw3d, tmp_path):
+    """A 2d configuration on 3D images: slices tiled one by one, in-plane resampling undone."""
+    plans = tiny_plans(two_d=True, spacing=(1.3, 0.8), patch=(16, 16))
+    pred = Predictor(allow_tqdm=False)
+    pred.manual_initialization([{"network": _random_unet_states(plans, "2d", 0)}], [{"name": "network", "arch": "cnn"}],
+                               plans, "2d", DATASET_JSON, (0, 1))
+    out = tmp_path / "out"
+    pred.predict_from_files(raw3d / "imagesTs", out, save_probabilities=True)
+    for f in sorted((raw3d / "imagesTs").glob("*_0000.nii.gz")):
+        res = out / f.name.replace("_0000", "")
+        _assert_same_geometry(f, res)
+        with np.load(str(res)[:-7] + ".npz") as z:
+            assert z["probabilities"].shape[1:] == sitk.GetArrayFromImage(sitk.ReadImage(str(f))).shape
