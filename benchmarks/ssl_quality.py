@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--iterations-per-epoch", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--val-iterations", type=int, default=5, help="pseudo-Dice batches per epoch (no model selection)")
     ap.add_argument("--planner", default="cpu", help="-pl for autossl_plan_and_preprocess (default: cpu)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
@@ -90,7 +91,6 @@ def main(argv=None) -> None:
     settings = [(labeled, m) for m in args.methods]
     if args.upper_bound:
         settings.append(("all", "none"))
-    rows = []
     results_file = work / "results.json"
     done = {(r["labeled"], r["method"], r["seed"]): r for r in (json.loads(results_file.read_text())["rows"] if results_file.exists() else [])}
     prepared: dict[str, tuple[str, Path]] = {}
@@ -107,12 +107,12 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             key = (lab, method, seed)
             if key in done:
-                rows.append(done[key])
                 continue
             pred = work / "predictions" / f"{ds}_{method}_s{seed}"
             ssl_opts = ["--ssl-opt", *args.ssl_opt] if args.ssl_opt and method != "none" else []
             train_cmd = ["autossl_train", ds, proto["config"], "all", "-p", plans, "--ssl", method,
                          "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
+                         "--val-iterations", str(args.val_iterations),
                          "--seed", str(seed), "-device", args.device, *ssl_opts]
             t_train = run(train_cmd, env, log)
             t_pred = run(["autossl_predict", "-i", str(Path(env["autossl_raw"]) / ds / "imagesTs"), "-o", str(pred),
@@ -121,11 +121,10 @@ def main(argv=None) -> None:
             row = evaluate(pred, test_labels, Path(env["autossl_raw"]) / ds / "dataset.json", proto)
             row.update(labeled=lab, method=method, seed=seed, steps=epochs * args.iterations_per_epoch,
                        train_s=round(t_train, 1), predict_s=round(t_pred, 1))
-            rows.append(row)
             done[key] = row
-            write_tables(rows, work, args)
+            write_tables(list(done.values()), work, args)
             print(format_row(row), flush=True)
-    write_tables(rows, work, args)
+    write_tables(list(done.values()), work, args)
     print((work / "results.md").read_text())
 
 
