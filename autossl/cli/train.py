@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augmentation processes (default env autossl_n_proc_DA or min(cpus, 4); 0 = main process)")
     p.add_argument("--save-every", type=int, default=1, help="write checkpoint_latest every N epochs (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA; env autossl_compile)")
+    p.add_argument("--fp32", action="store_true",
+                   help="no mixed precision: by default CUDA trains with float16 autocast and CPUs with native "
+                        "bf16 (AMX, AVX512-BF16) with bfloat16 autocast (env autossl_cpu_amp=0 also turns the latter off)")
     p.add_argument("--list-methods", action="store_true", help="print the available --ssl methods and exit")
     return p
 
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                           epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
                           val_iterations=args.val_iterations, budget=args.budget, seed=args.seed,
                           unlabeled_ratio=args.unlabeled_ratio, num_workers=args.num_workers,
-                          compile=True if args.compile else None, save_every=args.save_every, npz=args.npz)
+                          compile=True if args.compile else None, save_every=args.save_every, npz=args.npz,
+                          amp=False if args.fp32 else None)
         trainer.run(continue_training=args.c, validation_only=args.val)
     except (TrainingError, PathNotConfiguredError, ValueError, FileNotFoundError) as e:
         print(f"autossl_train: {e}", file=sys.stderr)

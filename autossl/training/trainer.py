@@ -46,6 +46,7 @@ from autossl.training.logger import TrainingLogger
 from autossl.training.losses import RegionSupervisedLoss, SupervisedLoss
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import build_optimizer, build_schedule, clip_gradients, has_gradients
+from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import atomic_path, load_json, save_json
 from autossl.utilities.label_handling import LabelManager
@@ -136,6 +137,8 @@ class Trainer:
     unlabeled_ratio: unlabelled patches per labelled patch (default: the method's)
     num_workers:    data-augmentation processes (default ``autossl_n_proc_DA`` or min(cpus, 4))
     compile:        torch.compile the trainable networks (CUDA only; default env ``autossl_compile``)
+    amp:            mixed precision; None = automatic (float16 on CUDA, bfloat16 on CPUs with native
+                    bf16 unless env ``autossl_cpu_amp=0``), False = float32 (``autossl.training.speed``)
     save_every:     write checkpoint_latest every N epochs
     npz:            final validation also saves probabilities (.npz)
     """
@@ -145,7 +148,7 @@ class Trainer:
                  device: str | torch.device | None = None, epochs: int | None = None, iterations_per_epoch: int = 250,
                  val_iterations: int = 50, budget: str | float | None = None, seed: int = 12345,
                  unlabeled_ratio: float | None = None, num_workers: int | None = None, compile: bool | None = None,
-                 save_every: int = 1, npz: bool = False, verbose: bool = True):
+                 save_every: int = 1, npz: bool = False, verbose: bool = True, amp: bool | None = None):
         if network not in ("cnn", "transformer"):
             raise TrainingError(f"--network must be cnn or transformer, got {network!r}")
         if str(fold) != "all":
@@ -179,6 +182,7 @@ class Trainer:
         if self.dist.is_ddp and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.compile = (_env_flag("autossl_compile") if compile is None else bool(compile)) and self.device.type == "cuda"
+        self.amp_dtype = training_autocast_dtype(self.device, amp)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         if self.num_workers < 0:
             raise TrainingError(f"--num-workers must be >= 0, got {self.num_workers}")
@@ -330,6 +334,8 @@ class Trainer:
                                     deep_supervision=spec.arch == "cnn")
                 if spec.copy_of is not None:
                     net.load_state_dict(built[spec.copy_of].state_dict())
+                if self.device.type == "cpu":  # same normalisation, faster CPU kernel
+                    instance_norm_as_group_norm(net)
                 built[spec.name] = net.to(self.device)
                 pending.remove(spec)
                 progressed = True
@@ -351,7 +357,8 @@ class Trainer:
                 net.eval()
                 net.requires_grad_(False)
                 self.wrapped[spec.name] = net
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and \
+            self.amp_dtype == torch.float16 else None
         if self.label_manager.has_regions:
             loss = RegionSupervisedLoss(batch_dice=bool(self.cfg.get("batch_dice", False)),
                                         has_ignore=self.label_manager.has_ignore_label)
@@ -369,7 +376,9 @@ class Trainer:
         self._initialized = True
 
     def _autocast(self):
-        return torch.autocast("cuda", enabled=True) if self.device.type == "cuda" else nullcontext()
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _seed_everything(self) -> None:
         """Global RNGs from (seed, rank, step): every rank draws different patches."""
@@ -643,7 +652,8 @@ class Trainer:
             + f"; batch {self.batch_size}" + (f" + {self.unlabeled_batch_size} unlabelled" if self.unlabeled_batch_size
                                                else "")
             + f", patch {self.patch_size}, device {self.device}, {self.dist.world_size} process(es), "
-              f"{self.num_workers} loader worker(s)")
+              f"{self.num_workers} loader worker(s), "
+            + (f"{str(self.amp_dtype).replace('torch.', '')} autocast" if self.amp_dtype is not None else "float32"))
         self.logger.print(f"configuration {self.configuration} of {self.plans_identifier}: "
                           f"{json.dumps(self.cfg, default=str)}", console=False)
         self.logger.print(f"method {self.ssl}: options {self.ssl_options}, networks "
@@ -667,7 +677,9 @@ class Trainer:
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "total_steps": self.total_steps, "val_iterations": self.val_iterations, "rounds": self.rounds,
             "budget_s": self.budget_s, "seed": self.seed, "num_workers": self.num_workers, "compile": self.compile,
-            "amp": self.grad_scaler is not None, "save_every": self.save_every,
+            "amp": self.amp_dtype is not None,
+            "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
+            "grad_scaler": self.grad_scaler is not None, "save_every": self.save_every,
             "networks": [{"name": s.name, "arch": s.arch, "trainable": s.trainable, "copy_of": s.copy_of,
                           "seed_offset": s.seed_offset,
                           "class": type(self.networks[s.name]).__name__,

@@ -1,0 +1,390 @@
+"""Training step and inference, autossl against nnU-Net v2, side by side (../shared/protocols/speed.md).
+
+    python benchmarks/train_predict_vs_nnunet.py [--steps 10] [--epochs 2] [--cases 20] [--workdir DIR]
+
+1. Converts ``../shared/data/Task04_Hippocampus`` (all 260 cases) to Dataset004_Hippocampus once
+   (``autossl_convert_msd``) into the work folder, and plans + preprocesses 3d_fullres with each
+   tool into its own preprocessed folder (kept and reused). The nnU-Net v2 peer lives in its own
+   virtual environment (``preprocess_vs_nnunet.nnunet_venv``: ``pip install nnunetv2``, never a
+   dependency of autossl).
+2. Checks that autossl's ``autosslPlans`` 3d_fullres has nnU-Net's network, patch and batch size
+   (PlainConvUNet 32-64-128-256, patch 40x56x40, batch 9 for Hippocampus); if not, a plans file
+   ``autosslPlans_nnUNetShape`` with nnU-Net's values is written and used.
+3. Training, on the CPU, 2 augmentation workers on both sides, torch.compile off, fold 0:
+   ``autossl_train 4 3d_fullres 0 -device cpu --epochs E --iterations-per-epoch N --val-iterations V``
+   against ``nnUNetv2_train 4 3d_fullres 0 -tr nnUNetTrainer_benchSteps -device cpu``, a trainer
+   subclass (``nnUNet_extTrainer``) with ``num_epochs=E``, ``num_iterations_per_epoch=N``,
+   ``num_val_iterations_per_epoch=V``. Both skip the final validation of the fold (nnU-Net: the
+   subclass; autossl: ``Trainer.perform_final_validation`` replaced by a no-op in the launching
+   process). Seconds per step = the LAST epoch's time / N as each tool logs it (nnU-Net ``Epoch
+   time``, autossl ``epoch_time``): steps with their data loading plus V validation batches; the
+   first epoch (worker start-up, first allocations) is not counted.
+4. Inference: the first ``--cases`` validation cases of fold 0 (raw images) predicted with each
+   tool's checkpoint_final from step 3 (same architecture), one fold, mirroring on, CPU:
+   ``autossl_predict ... -f 0 -device cpu`` and ``nnUNetv2_predict ... -f 0 -device cpu``, both with
+   2 preprocessing and 2 export workers. Seconds per case = (time the last output file appeared
+   - time the first appeared) / (cases - 1), i.e. without start-up; the wall time / cases is
+   reported too.
+5. Peak RSS of each command's whole process tree (sum of VmRSS of the command and all its
+   descendants, sampled every 0.05 s), a table with the ratios autossl / nnU-Net and a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from preprocess_vs_nnunet import TASK, TreeSampler, _clean_env, _version, nnunet_venv  # noqa: E402
+
+DATASET = "Dataset004_Hippocampus"
+CONFIG = "3d_fullres"
+BENCH_TRAINER = "nnUNetTrainer_benchSteps"
+SHAPE_PLANS = "autosslPlans_nnUNetShape"
+TARGET_RATIO = 0.8
+
+NNUNET_TRAINER_SOURCE = '''"""nnUNetTrainer that runs a fixed number of short epochs (autossl benchmark)."""
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_benchSteps(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_iterations_per_epoch = int(os.environ["bench_steps"])
+        self.num_val_iterations_per_epoch = int(os.environ["bench_val_steps"])
+        self.num_epochs = int(os.environ["bench_epochs"])
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("final validation skipped (benchmark)")
+'''
+
+# autossl_train in a process whose final validation of the fold is a no-op (as the nnU-Net subclass)
+AUTOSSL_TRAIN_LAUNCHER = ("import sys; from autossl.training import trainer as t; "
+                          "t.Trainer.perform_final_validation = lambda self: None; "
+                          "from autossl.cli.train import main; sys.exit(main(sys.argv[1:]))")
+
+
+# ----------------------------------------------------------------------------------------------
+# running and measuring
+# ----------------------------------------------------------------------------------------------
+class OutputWatcher(threading.Thread):
+    """When each ``*.nii.gz`` first appears in a folder (polled every ``interval`` s)."""
+
+    def __init__(self, folder: Path, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.folder, self.interval = folder, interval
+        self.first_seen: dict[str, float] = {}
+        self._stop_evt = threading.Event()
+
+    def _poll(self) -> None:
+        if self.folder.is_dir():
+            now = time.perf_counter()
+            for name in os.listdir(self.folder):
+                if name.endswith(".nii.gz") and name not in self.first_seen:
+                    self.first_seen[name] = now
+
+    def run(self) -> None:
+        while not self._stop_evt.is_set():
+            self._poll()
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join()
+        self._poll()
+
+
+def run_measured(cmd: list[str], env: dict, log: Path, watch: Path | None = None) -> dict:
+    """Run ``cmd`` (output to ``log``); wall time, peak tree RSS/PSS, CPU seconds and, with
+    ``watch``, when each output file appeared (seconds after the start)."""
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        watcher = OutputWatcher(watch) if watch is not None else None
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(log.parent))
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        if watcher is not None:
+            watcher.start()
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        sampler.stop()
+        if watcher is not None:
+            watcher.stop()
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{tail}\n(full log: {log})")
+    out = {"wall_s": wall, "cpu_s": sum(sampler.cpu.values()), "peak_rss_gb": sampler.peak_rss / 1e9,
+           "peak_pss_gb": sampler.peak_pss / 1e9, "peak_processes": sampler.peak_procs}
+    if watcher is not None:
+        out["outputs_at_s"] = sorted(t - t0 for t in watcher.first_seen.values())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# data, plans
+# ----------------------------------------------------------------------------------------------
+def convert_raw(raw_root: Path, bindir: Path) -> Path:
+    """Dataset004_Hippocampus under ``raw_root`` (``autossl_convert_msd``, once)."""
+    out = raw_root / DATASET
+    n_task = len(list((TASK / "labelsTr").glob("hippocampus_*.nii.gz")))
+    if (out / "dataset.json").is_file() and len(list((out / "labelsTr").glob("*.nii.gz"))) == n_task:
+        return out
+    raw_root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(bindir / "autossl_convert_msd"), "-i", str(TASK), "-d", "4", "--overwrite"],
+                   env=dict(_clean_env(), autossl_raw=str(raw_root)), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return out
+
+
+def _preprocessed(pre: Path, plans: str) -> bool:
+    f = pre / DATASET / f"{plans}.json"
+    if not f.is_file():
+        return False
+    ident = json.loads(f.read_text())["configurations"][CONFIG]["data_identifier"]
+    return len(list((pre / DATASET / ident).glob("*.pkl"))) == len(list((TASK / "labelsTr").glob("h*.nii.gz")))
+
+
+def network_shape(cfg: dict) -> dict:
+    a = cfg["architecture"]
+    return {"network": a["network_class_name"].rsplit(".", 1)[-1],
+            "features": a["arch_kwargs"]["features_per_stage"], "strides": a["arch_kwargs"]["strides"],
+            "kernels": a["arch_kwargs"]["kernel_sizes"], "patch_size": cfg["patch_size"],
+            "batch_size": cfg["batch_size"], "spacing": cfg["spacing"]}
+
+
+def autossl_plans_like_nnunet(pre_a: Path, pre_n: Path) -> tuple[str, dict, dict]:
+    """The autossl plans identifier to train with: ``autosslPlans`` when its 3d_fullres network,
+    patch and batch equal nnU-Net's, else ``autosslPlans_nnUNetShape`` (nnU-Net's values)."""
+    pa = json.loads((pre_a / DATASET / "autosslPlans.json").read_text())
+    pn = json.loads((pre_n / DATASET / "nnUNetPlans.json").read_text())
+    ca, cn = pa["configurations"][CONFIG], pn["configurations"][CONFIG]
+    sa, sn = network_shape(ca), network_shape(cn)
+    if sa == sn and ca["architecture"] == cn["architecture"]:
+        return "autosslPlans", sa, sn
+    if sa["spacing"] != sn["spacing"]:
+        raise SystemExit(f"autosslPlans {CONFIG} spacing {sa['spacing']} != nnU-Net's {sn['spacing']}: the "
+                         f"preprocessed data differ, a plans override cannot make the runs comparable")
+    pa["plans_name"] = SHAPE_PLANS
+    for k in ("architecture", "patch_size", "batch_size"):
+        ca[k] = cn[k]
+    (pre_a / DATASET / f"{SHAPE_PLANS}.json").write_text(json.dumps(pa, indent=2))
+    print(f"autosslPlans differ from nnU-Net's ({sa} vs {sn}); training with {SHAPE_PLANS}", flush=True)
+    return SHAPE_PLANS, network_shape(ca), sn
+
+
+def prediction_inputs(raw: Path, pre_a: Path, folder: Path, n: int) -> list[str]:
+    """The first ``n`` validation cases of fold 0 (not trained on) as CASE_0000.nii.gz in ``folder``."""
+    splits = json.loads((pre_a / DATASET / "splits_final.json").read_text())
+    cases = sorted(splits[0]["val"])[:n]
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for c in cases:
+        shutil.copy(raw / "imagesTr" / f"{c}_0000.nii.gz", folder / f"{c}_0000.nii.gz")
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# log parsing
+# ----------------------------------------------------------------------------------------------
+def nnunet_epoch_times(log: Path) -> list[float]:
+    return [float(m) for m in re.findall(r"Epoch time: ([\d.]+) s", log.read_text(errors="replace"))]
+
+
+def autossl_epoch_times(log: Path) -> list[float]:
+    return [float(m) for m in re.findall(r"epoch \d+/\d+ \(step .*epoch_time ([\d.]+)s", log.read_text(errors="replace"))]
+
+
+def _per_case(m: dict, n: int) -> float:
+    t = m["outputs_at_s"]
+    if len(t) != n:
+        raise SystemExit(f"expected {n} predictions, {len(t)} appeared")
+    return (t[-1] - t[0]) / (n - 1) if n > 1 else m["wall_s"]
+
+
+# ----------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "autossl_bench_train")
+    ap.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "autossl_bench" / "nnunet_venv",
+                    help="virtual environment for nnunetv2 (created once, reused)")
+    ap.add_argument("--steps", type=int, default=10, help="training steps per epoch (N)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs; the last one is timed")
+    ap.add_argument("--val-steps", type=int, default=1, help="validation batches per epoch (V)")
+    ap.add_argument("--workers", type=int, default=2, help="augmentation worker processes on both sides")
+    ap.add_argument("--cases", type=int, default=20, help="cases to predict")
+    ap.add_argument("--skip", choices=("train", "predict"), action="append", default=[],
+                    help="leave out a part (predict needs the checkpoints of an earlier train part)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file (default: <workdir>/results.json)")
+    a = ap.parse_args()
+    if not TASK.is_dir():
+        raise SystemExit(f"{TASK}: MSD Task04_Hippocampus not found")
+    if a.epochs < 2:
+        raise SystemExit("--epochs must be >= 2: the first epoch (start-up) is not timed")
+    work = a.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    nbin = nnunet_venv(a.venv.resolve())
+    load_start = os.getloadavg()
+    t_bench = time.perf_counter()
+
+    raw_root = work / "raw"
+    raw = convert_raw(raw_root, bindir)
+    pre_a, pre_n = work / "autossl_preprocessed", work / "nnunet_preprocessed"
+    res_a, res_n = work / "autossl_results", work / "nnunet_results"
+    ext = work / "nnunet_ext_trainer"
+    ext.mkdir(exist_ok=True)
+    (ext / f"{BENCH_TRAINER}.py").write_text(NNUNET_TRAINER_SOURCE)
+    env_a = dict(_clean_env(), autossl_raw=str(raw_root), autossl_preprocessed=str(pre_a),
+                 autossl_results=str(res_a), autossl_n_proc_DA=str(a.workers), autossl_compile="0")
+    env_n = dict(_clean_env(), nnUNet_raw=str(raw_root), nnUNet_preprocessed=str(pre_n), nnUNet_results=str(res_n),
+                 nnUNet_n_proc_DA=str(a.workers), nnUNet_compile="false", nnUNet_extTrainer=str(ext),
+                 bench_steps=str(a.steps), bench_val_steps=str(a.val_steps), bench_epochs=str(a.epochs))
+
+    if not _preprocessed(pre_a, "autosslPlans"):
+        print("autossl: plan + preprocess 3d_fullres (once) ...", flush=True)
+        run_measured([str(bindir / "autossl_plan_and_preprocess"), "-d", "4", "-c", CONFIG, "-np", "2"], env_a,
+                     work / "autossl_preprocess.log")
+    if not _preprocessed(pre_n, "nnUNetPlans"):
+        print("nnU-Net: plan + preprocess 3d_fullres (once) ...", flush=True)
+        run_measured([str(nbin / "nnUNetv2_plan_and_preprocess"), "-d", "4", "-c", CONFIG, "-np", "2"], env_n,
+                     work / "nnunet_preprocess.log")
+    plans_a, shape_a, shape_n = autossl_plans_like_nnunet(pre_a, pre_n)
+    result: dict = {
+        "benchmark": f"supervised training step + inference, Dataset004_Hippocampus {CONFIG}, CPU",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "model": _cpu_model(), "load_average_at_start": load_start},
+        "versions": {"autossl": _version(Path(sys.executable), "autossl"),
+                     "nnunetv2": _version(nbin / "python", "nnunetv2"),
+                     "torch": _version(Path(sys.executable), "torch")},
+        "settings": {"steps_per_epoch": a.steps, "epochs": a.epochs, "val_steps_per_epoch": a.val_steps,
+                     "augmentation_workers": a.workers, "cases": a.cases, "fold": 0, "autossl_plans": plans_a},
+        "plans": {"autossl": shape_a, "nnunet": shape_n}, "commands": {},
+    }
+
+    # ------------------------------------------------------------------ training
+    train_cmds = {
+        "autossl": [str(bindir / "python"), "-c", AUTOSSL_TRAIN_LAUNCHER, "4", CONFIG, "0", "-p", plans_a,
+                    "-device", "cpu", "--epochs", str(a.epochs), "--iterations-per-epoch", str(a.steps),
+                    "--val-iterations", str(a.val_steps), "--num-workers", str(a.workers)],
+        "nnunet": [str(nbin / "nnUNetv2_train"), "4", CONFIG, "0", "-tr", BENCH_TRAINER, "-device", "cpu"],
+    }
+    result["commands"]["train"] = {
+        "autossl": "autossl_train " + " ".join(train_cmds["autossl"][3:]) + " (final validation skipped)",
+        "nnunet": "nnUNetv2_train " + " ".join(train_cmds["nnunet"][1:]) + " (final validation skipped)"}
+    if "train" not in a.skip:
+        train = {}
+        for name in ("nnunet", "autossl"):
+            shutil.rmtree(res_a if name == "autossl" else res_n, ignore_errors=True)
+            log = work / f"{name}_train.log"
+            print(f"training {name}: {a.epochs} epochs x {a.steps} steps ...", flush=True)
+            m = run_measured(train_cmds[name], env_a if name == "autossl" else env_n, log)
+            epochs = (autossl_epoch_times if name == "autossl" else nnunet_epoch_times)(log)
+            if len(epochs) != a.epochs:
+                raise SystemExit(f"{log}: found {len(epochs)} epoch times, expected {a.epochs}")
+            m["epoch_times_s"] = epochs
+            m["step_s"] = epochs[-1] / a.steps
+            train[name] = m
+            print(f"  {name}: epochs {epochs} s -> {m['step_s']:.2f} s/step, wall {m['wall_s']:.1f} s, "
+                  f"peak RSS {m['peak_rss_gb']:.2f} GB", flush=True)
+        result["train"] = train
+
+    # ------------------------------------------------------------------ inference
+    inp = work / "predict_input"
+    pred_cmds = {
+        "autossl": [str(bindir / "autossl_predict"), "-i", str(inp), "-o", str(work / "autossl_pred"), "-d", "4",
+                    "-c", CONFIG, "-p", plans_a, "-f", "0", "-device", "cpu", "-npp", "2", "-nps", "2",
+                    "--disable_progress_bar"],
+        "nnunet": [str(nbin / "nnUNetv2_predict"), "-i", str(inp), "-o", str(work / "nnunet_pred"), "-d", "4",
+                   "-c", CONFIG, "-tr", BENCH_TRAINER, "-f", "0", "-device", "cpu", "-npp", "2", "-nps", "2",
+                   "--disable_progress_bar"],
+    }
+    result["commands"]["predict"] = {k: " ".join([Path(c[0]).name, *c[1:]]).replace(str(work), "<workdir>")
+                                     for k, c in pred_cmds.items()}
+    if "predict" not in a.skip:
+        for name, res in (("autossl", res_a), ("nnunet", res_n)):
+            if not list(res.glob(f"{DATASET}/*__*__{CONFIG}/fold_0/checkpoint_final.pth")):
+                raise SystemExit(f"no {name} checkpoint_final under {res}: run the train part first")
+        cases = prediction_inputs(raw, pre_a, inp, a.cases)
+        pred = {}
+        for name in ("autossl", "nnunet"):
+            out = work / f"{name}_pred"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"predicting {len(cases)} cases with {name} ...", flush=True)
+            m = run_measured(pred_cmds[name], env_a if name == "autossl" else env_n, work / f"{name}_predict.log",
+                             watch=out)
+            m["case_s"] = _per_case(m, len(cases))
+            m["wall_per_case_s"] = m["wall_s"] / len(cases)
+            pred[name] = m
+            print(f"  {name}: {m['case_s']:.2f} s/case (wall {m['wall_s']:.1f} s), peak RSS "
+                  f"{m['peak_rss_gb']:.2f} GB", flush=True)
+        result["predict"] = pred
+        result["predict_cases"] = cases
+
+    result["load_average_at_end"] = os.getloadavg()
+    result["benchmark_wall_s"] = time.perf_counter() - t_bench
+    report(result)
+    out = a.out or work / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def report(result: dict) -> None:
+    rows, ratios = [], {}
+    if "train" in result:
+        t = result["train"]
+        rows += [("training step (s, last epoch / N)", "step_s", t, "{:.2f}"),
+                 ("training peak RSS, tree (GB)", "peak_rss_gb", t, "{:.2f}"),
+                 ("training wall incl. start-up (s)", "wall_s", t, "{:.1f}")]
+    if "predict" in result:
+        p = result["predict"]
+        rows += [("inference per case (s, no start-up)", "case_s", p, "{:.2f}"),
+                 ("inference wall / cases (s)", "wall_per_case_s", p, "{:.2f}"),
+                 ("inference peak RSS, tree (GB)", "peak_rss_gb", p, "{:.2f}")]
+    print()
+    print("| figure | autossl | nnU-Net v2 | ratio autossl / nnU-Net |")
+    print("| --- | --- | --- | --- |")
+    for label, key, d, fmt in rows:
+        r = d["autossl"][key] / d["nnunet"][key]
+        ratios[f"{label}"] = r
+        print(f"| {label} | {fmt.format(d['autossl'][key])} | {fmt.format(d['nnunet'][key])} | {r:.2f} |")
+    result["ratios"] = ratios
+    targets = {}
+    if "train" in result:
+        targets["step_time"] = result["train"]["autossl"]["step_s"] / result["train"]["nnunet"]["step_s"]
+    if "predict" in result:
+        targets["inference_per_case"] = result["predict"]["autossl"]["case_s"] / result["predict"]["nnunet"]["case_s"]
+    result["targets"] = {k: {"ratio": v, "target": TARGET_RATIO, "met": v <= TARGET_RATIO} for k, v in targets.items()}
+    for k, v in result["targets"].items():
+        print(f"{k}: ratio {v['ratio']:.2f} (target <= {TARGET_RATIO}): {'met' if v['met'] else 'MISSED'}")
+    print(f"load average start {result['machine']['load_average_at_start']}, end {result['load_average_at_end']}")
+
+
+if __name__ == "__main__":
+    main()
