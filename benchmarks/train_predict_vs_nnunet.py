@@ -25,7 +25,9 @@
    2 preprocessing and 2 export workers. Seconds per case = (time the last output file appeared
    - time the first appeared) / (cases - 1), i.e. without start-up; the wall time / cases is
    reported too.
-5. Peak RSS of each command's whole process tree (sum of VmRSS of the command and all its
+5. Unless ``--no-fp32-variant``, autossl runs a second time with ``--fp32`` (training and
+   prediction without bf16 autocast, float32 throughout as nnU-Net on the CPU) as an extra column.
+6. Peak RSS of each command's whole process tree (sum of VmRSS of the command and all its
    descendants, sampled every 0.05 s), a table with the ratios autossl / nnU-Net and a JSON file.
 """
 from __future__ import annotations
@@ -81,7 +83,7 @@ AUTOSSL_TRAIN_LAUNCHER = ("import sys; from autossl.training import trainer as t
 # running and measuring
 # ----------------------------------------------------------------------------------------------
 class OutputWatcher(threading.Thread):
-    """When each ``*.nii.gz`` first appears in a folder (polled every ``interval`` s)."""
+    """When each ``*.nii.gz`` (not hidden) first appears in a folder (polled every ``interval`` s)."""
 
     def __init__(self, folder: Path, interval: float = 0.05):
         super().__init__(daemon=True)
@@ -93,7 +95,8 @@ class OutputWatcher(threading.Thread):
         if self.folder.is_dir():
             now = time.perf_counter()
             for name in os.listdir(self.folder):
-                if name.endswith(".nii.gz") and name not in self.first_seen:
+                # autossl writes "<case>.nii.gz" atomically through a hidden ".<case>...tmp.nii.gz"
+                if name.endswith(".nii.gz") and not name.startswith(".") and name not in self.first_seen:
                     self.first_seen[name] = now
 
     def run(self) -> None:
@@ -223,13 +226,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "autossl_bench_train")
     ap.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "autossl_bench" / "nnunet_venv",
                     help="virtual environment for nnunetv2 (created once, reused)")
-    ap.add_argument("--steps", type=int, default=10, help="training steps per epoch (N)")
+    ap.add_argument("--steps", type=int, default=8, help="training steps per epoch (N)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs; the last one is timed")
     ap.add_argument("--val-steps", type=int, default=1, help="validation batches per epoch (V)")
     ap.add_argument("--workers", type=int, default=2, help="augmentation worker processes on both sides")
     ap.add_argument("--cases", type=int, default=20, help="cases to predict")
     ap.add_argument("--skip", choices=("train", "predict"), action="append", default=[],
                     help="leave out a part (predict needs the checkpoints of an earlier train part)")
+    ap.add_argument("--no-fp32-variant", dest="fp32_variant", action="store_false",
+                    help="leave out the extra autossl --fp32 runs (float32 throughout, as nnU-Net on the CPU)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: <workdir>/results.json)")
     a = ap.parse_args()
     if not TASK.is_dir():
@@ -274,27 +279,42 @@ def main() -> None:
                      "torch": _version(Path(sys.executable), "torch")},
         "settings": {"steps_per_epoch": a.steps, "epochs": a.epochs, "val_steps_per_epoch": a.val_steps,
                      "augmentation_workers": a.workers, "cases": a.cases, "fold": 0, "autossl_plans": plans_a},
-        "plans": {"autossl": shape_a, "nnunet": shape_n}, "commands": {},
+        "plans": {"autossl": shape_a, "nnunet": shape_n},
     }
 
+    # ------------------------------------------------------------------ the tools
+    # autossl_fp32: autossl with --fp32 (float32 throughout, as nnU-Net on the CPU): the same code
+    # paths without bf16 autocast, to show what the mixed precision alone is worth
+    tools = {"nnunet": {"env": env_n, "res": res_n, "parse": nnunet_epoch_times,
+                        "train": [str(nbin / "nnUNetv2_train"), "4", CONFIG, "0", "-tr", BENCH_TRAINER, "-device", "cpu"],
+                        "predict": [str(nbin / "nnUNetv2_predict"), "-d", "4", "-c", CONFIG, "-tr", BENCH_TRAINER]}}
+    variants = [("autossl", [], res_a)] + ([("autossl_fp32", ["--fp32"], work / "autossl_results_fp32")]
+                                          if a.fp32_variant else [])
+    for name, extra, res in variants:
+        tools[name] = {"env": dict(env_a, autossl_results=str(res)), "res": res, "parse": autossl_epoch_times,
+                       "train": [str(bindir / "python"), "-c", AUTOSSL_TRAIN_LAUNCHER, "4", CONFIG, "0", "-p", plans_a,
+                                 "-device", "cpu", "--epochs", str(a.epochs), "--iterations-per-epoch", str(a.steps),
+                                 "--val-iterations", str(a.val_steps), "--num-workers", str(a.workers), *extra],
+                       "predict": [str(bindir / "autossl_predict"), "-d", "4", "-c", CONFIG, "-p", plans_a, *extra]}
+    inp = work / "predict_input"
+    for name, t in tools.items():
+        t["predict"] += ["-i", str(inp), "-o", str(work / f"{name}_pred"), "-f", "0", "-device", "cpu",
+                         "-npp", "2", "-nps", "2", "--disable_progress_bar"]
+        t["commands"] = {
+            "train": ("autossl_train " + " ".join(t["train"][3:]) if name.startswith("autossl")
+                      else "nnUNetv2_train " + " ".join(t["train"][1:])) + "  (final validation skipped)",
+            "predict": " ".join([Path(t["predict"][0]).name, *t["predict"][1:]]).replace(str(work), "<workdir>")}
+    result["commands"] = {name: t["commands"] for name, t in tools.items()}
+
     # ------------------------------------------------------------------ training
-    train_cmds = {
-        "autossl": [str(bindir / "python"), "-c", AUTOSSL_TRAIN_LAUNCHER, "4", CONFIG, "0", "-p", plans_a,
-                    "-device", "cpu", "--epochs", str(a.epochs), "--iterations-per-epoch", str(a.steps),
-                    "--val-iterations", str(a.val_steps), "--num-workers", str(a.workers)],
-        "nnunet": [str(nbin / "nnUNetv2_train"), "4", CONFIG, "0", "-tr", BENCH_TRAINER, "-device", "cpu"],
-    }
-    result["commands"]["train"] = {
-        "autossl": "autossl_train " + " ".join(train_cmds["autossl"][3:]) + " (final validation skipped)",
-        "nnunet": "nnUNetv2_train " + " ".join(train_cmds["nnunet"][1:]) + " (final validation skipped)"}
     if "train" not in a.skip:
         train = {}
-        for name in ("nnunet", "autossl"):
-            shutil.rmtree(res_a if name == "autossl" else res_n, ignore_errors=True)
+        for name, t in tools.items():
+            shutil.rmtree(t["res"], ignore_errors=True)
             log = work / f"{name}_train.log"
             print(f"training {name}: {a.epochs} epochs x {a.steps} steps ...", flush=True)
-            m = run_measured(train_cmds[name], env_a if name == "autossl" else env_n, log)
-            epochs = (autossl_epoch_times if name == "autossl" else nnunet_epoch_times)(log)
+            m = run_measured(t["train"], t["env"], log)
+            epochs = t["parse"](log)
             if len(epochs) != a.epochs:
                 raise SystemExit(f"{log}: found {len(epochs)} epoch times, expected {a.epochs}")
             m["epoch_times_s"] = epochs
@@ -305,29 +325,17 @@ def main() -> None:
         result["train"] = train
 
     # ------------------------------------------------------------------ inference
-    inp = work / "predict_input"
-    pred_cmds = {
-        "autossl": [str(bindir / "autossl_predict"), "-i", str(inp), "-o", str(work / "autossl_pred"), "-d", "4",
-                    "-c", CONFIG, "-p", plans_a, "-f", "0", "-device", "cpu", "-npp", "2", "-nps", "2",
-                    "--disable_progress_bar"],
-        "nnunet": [str(nbin / "nnUNetv2_predict"), "-i", str(inp), "-o", str(work / "nnunet_pred"), "-d", "4",
-                   "-c", CONFIG, "-tr", BENCH_TRAINER, "-f", "0", "-device", "cpu", "-npp", "2", "-nps", "2",
-                   "--disable_progress_bar"],
-    }
-    result["commands"]["predict"] = {k: " ".join([Path(c[0]).name, *c[1:]]).replace(str(work), "<workdir>")
-                                     for k, c in pred_cmds.items()}
     if "predict" not in a.skip:
-        for name, res in (("autossl", res_a), ("nnunet", res_n)):
-            if not list(res.glob(f"{DATASET}/*__*__{CONFIG}/fold_0/checkpoint_final.pth")):
-                raise SystemExit(f"no {name} checkpoint_final under {res}: run the train part first")
+        for name, t in tools.items():
+            if not list(t["res"].glob(f"{DATASET}/*__*__{CONFIG}/fold_0/checkpoint_final.pth")):
+                raise SystemExit(f"no {name} checkpoint_final under {t['res']}: run the train part first")
         cases = prediction_inputs(raw, pre_a, inp, a.cases)
         pred = {}
-        for name in ("autossl", "nnunet"):
+        for name, t in tools.items():
             out = work / f"{name}_pred"
             shutil.rmtree(out, ignore_errors=True)
             print(f"predicting {len(cases)} cases with {name} ...", flush=True)
-            m = run_measured(pred_cmds[name], env_a if name == "autossl" else env_n, work / f"{name}_predict.log",
-                             watch=out)
+            m = run_measured(t["predict"], t["env"], work / f"{name}_predict.log", watch=out)
             m["case_s"] = _per_case(m, len(cases))
             m["wall_per_case_s"] = m["wall_s"] / len(cases)
             pred[name] = m
@@ -356,24 +364,33 @@ def _cpu_model() -> str:
 
 
 def report(result: dict) -> None:
-    rows, ratios = [], {}
+    """Markdown table (autossl, [autossl --fp32], nnU-Net v2, ratios) and the targets."""
+    rows = []
     if "train" in result:
-        t = result["train"]
-        rows += [("training step (s, last epoch / N)", "step_s", t, "{:.2f}"),
-                 ("training peak RSS, tree (GB)", "peak_rss_gb", t, "{:.2f}"),
-                 ("training wall incl. start-up (s)", "wall_s", t, "{:.1f}")]
+        rows += [("training step (s, last epoch / N)", "step_s", result["train"], "{:.2f}"),
+                 ("training peak RSS, tree (GB)", "peak_rss_gb", result["train"], "{:.2f}"),
+                 ("training wall incl. start-up (s)", "wall_s", result["train"], "{:.1f}")]
     if "predict" in result:
-        p = result["predict"]
-        rows += [("inference per case (s, no start-up)", "case_s", p, "{:.2f}"),
-                 ("inference wall / cases (s)", "wall_per_case_s", p, "{:.2f}"),
-                 ("inference peak RSS, tree (GB)", "peak_rss_gb", p, "{:.2f}")]
+        rows += [("inference per case (s, no start-up)", "case_s", result["predict"], "{:.2f}"),
+                 ("inference wall / cases (s)", "wall_per_case_s", result["predict"], "{:.2f}"),
+                 ("inference peak RSS, tree (GB)", "peak_rss_gb", result["predict"], "{:.2f}")]
+    if not rows:
+        return
+    fp32 = "autossl_fp32" in rows[0][2]
     print()
-    print("| figure | autossl | nnU-Net v2 | ratio autossl / nnU-Net |")
-    print("| --- | --- | --- | --- |")
+    print("| figure | autossl | " + ("autossl --fp32 | " if fp32 else "") + "nnU-Net v2 | ratio autossl / nnU-Net |"
+          + (" ratio autossl --fp32 / nnU-Net |" if fp32 else ""))
+    print("| --- " * (6 if fp32 else 4) + "|")
+    ratios: dict = {}
     for label, key, d, fmt in rows:
         r = d["autossl"][key] / d["nnunet"][key]
-        ratios[f"{label}"] = r
-        print(f"| {label} | {fmt.format(d['autossl'][key])} | {fmt.format(d['nnunet'][key])} | {r:.2f} |")
+        ratios[label] = {"autossl": r}
+        cells = [fmt.format(d["autossl"][key])] + ([fmt.format(d["autossl_fp32"][key])] if fp32 else []) \
+            + [fmt.format(d["nnunet"][key]), f"{r:.2f}"]
+        if fp32:
+            ratios[label]["autossl_fp32"] = d["autossl_fp32"][key] / d["nnunet"][key]
+            cells.append(f"{ratios[label]['autossl_fp32']:.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     result["ratios"] = ratios
     targets = {}
     if "train" in result:

@@ -264,6 +264,10 @@ class Predictor:
     def _build(self, arch: str) -> nn.Module:
         net = build_network(self._architecture(arch), num_input_channels(self.dataset_json),
                             self.label_manager.num_segmentation_heads, deep_supervision=False)
+        if self.device.type == "cpu":  # the same normalisation with a faster CPU kernel (same weights)
+            from autossl.training.speed import instance_norm_as_group_norm
+
+            instance_norm_as_group_norm(net)
         return net.to(self.device).eval()
 
     def _load_fold(self, i: int) -> None:

@@ -35,16 +35,18 @@ def training_autocast_dtype(device: torch.device | str, amp: bool | None = None)
 def instance_norm_as_group_norm(module: nn.Module) -> int:
     """Replace, in place, every InstanceNorm without running statistics inside ``module`` by the
     equivalent ``GroupNorm(C, C)`` (weights kept); returns how many were replaced."""
-    n = 0
-    for parent in list(module.modules()):
+    replaced: dict[int, nn.GroupNorm] = {}  # a norm registered twice (DNA: ``.norm`` and ``.all_modules``)
+    for parent in list(module.modules()):   # becomes one GroupNorm registered twice
         for name, child in list(parent.named_children()):
             if not isinstance(child, _INSTANCE_NORMS) or child.track_running_stats:
                 continue
-            gn = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
-            if child.affine:
-                gn.weight = child.weight
-                gn.bias = child.bias
-            gn.train(child.training)
+            gn = replaced.get(id(child))
+            if gn is None:
+                gn = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    gn.weight = child.weight
+                    gn.bias = child.bias
+                gn.train(child.training)
+                replaced[id(child)] = gn
             setattr(parent, name, gn)
-            n += 1
-    return n
+    return len(replaced)
