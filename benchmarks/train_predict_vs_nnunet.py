@@ -220,7 +220,8 @@ def nnunet_epoch_times(log: Path) -> list[float]:
 
 
 def autossl_epoch_times(log: Path) -> list[float]:
-    return [float(m) for m in re.findall(r"epoch \d+/\d+ \(step .*epoch_time ([\d.]+)s", log.read_text(errors="replace"))]
+    text = log.read_text(errors="replace")
+    return [float(m) for m in re.findall(r"epoch \d+/\d+ \(step .*epoch_time ([\d.]+)s", text)]
 
 
 def _per_case(m: dict, n: int) -> float:
@@ -316,7 +317,8 @@ def main() -> None:
     # autossl_fp32: autossl with --fp32 (float32 throughout, as nnU-Net on the CPU): the same code
     # paths without bf16 autocast, to show what the mixed precision alone is worth
     tools = {"nnunet": {"env": env_n, "res": res_n, "parse": nnunet_epoch_times,
-                        "train": [str(nbin / "nnUNetv2_train"), "4", CONFIG, "0", "-tr", BENCH_TRAINER, "-device", "cpu"],
+                        "train": [str(nbin / "nnUNetv2_train"), "4", CONFIG, "0", "-tr", BENCH_TRAINER,
+                                  "-device", "cpu"],
                         "predict": [str(nbin / "nnUNetv2_predict"), "-d", "4", "-c", CONFIG, "-tr", BENCH_TRAINER]}}
     variants = [("autossl", [], res_a)] + ([("autossl_fp32", ["--fp32"], work / "autossl_results_fp32")]
                                           if a.fp32_variant else [])

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA; env autossl_compile)")
     p.add_argument("--fp32", action="store_true",
                    help="no mixed precision: by default CUDA trains with float16 autocast and CPUs with native "
-                        "bf16 (AMX, AVX512-BF16) with bfloat16 autocast (env autossl_cpu_amp=0 also turns the latter off)")
+                        "bf16 (AMX, AVX512-BF16) with bfloat16 autocast (env autossl_cpu_amp=0 also turns that off)")
     p.add_argument("--list-methods", action="store_true", help="print the available --ssl methods and exit")
     return p
 
