@@ -164,3 +164,11 @@ def test_label_manager_regions_and_ignore():
     probs[0, 1:] = 0.9
     probs[1, 2] = 0.9
     np.testing.assert_array_equal(rm.probabilities_to_segmentation(probs), [0, 1, 2])
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from autossl.utilities import file_io
+
+    save_json({"a": 1}, tmp_path / "x.json")
+    mode = (tmp_path / "x.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~file_io._UMASK

@@ -12,6 +12,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the same folder; on success rename it onto ``final``."""
@@ -21,6 +25,7 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield tmp
         os.replace(tmp, final)
