@@ -77,18 +77,18 @@ def test_cross_teaching_step_matches_formula_and_options():
     method = create_method("cross_teaching", rampup="0.5")
     assert isinstance(method, CrossTeaching)
     assert [s.arch for s in method.network_specs()] == ["cnn", "transformer"]
-    ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)  # end of the ramp: λ = 0.1
+    ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)  # end of the ramp: λ = 0.2
     losses = list(method.training_step(lab, unl, ctx))
     assert len(losses) == 1
     with torch.no_grad():
         x = torch.cat([lab["data"], unl["data"]])
         oc, ov = cnn(x), vit(x)
-        sup = 0.5 * SupervisedLoss()([o[:2] for o in oc], lab["target"]) + 0.5 * SupervisedLoss()(ov[:2], lab["target"])
+        sup = SupervisedLoss()([o[:2] for o in oc], lab["target"]) + SupervisedLoss()(ov[:2], lab["target"])
         ct = ct_dice(oc[0][2:], ov[2:].argmax(1, keepdim=True)) + ct_dice(ov[2:], oc[0][2:].argmax(1, keepdim=True))
-    assert torch.allclose(losses[0].detach(), sup + 0.1 * ct, atol=1e-5)
+    assert torch.allclose(losses[0].detach(), sup + 0.2 * ct, atol=1e-5)
     logged = ctx.pop_logged()
     assert set(CrossTeaching.scalars) <= set(logged)
-    assert logged["ramp_weight"] == pytest.approx(0.1)
+    assert logged["ramp_weight"] == pytest.approx(0.2)
     agree = (oc[0][2:].argmax(1) == ov[2:].argmax(1)).float().mean().item()
     assert logged["agreement"] == pytest.approx(agree)
     assert create_method("cross_teaching").inference_networks() == ["cnn"]
@@ -179,22 +179,31 @@ def test_uncertainty_and_target_pyramid():
 
 # ----------------------------------------------------------------------------- UCMT
 def test_ema_of_two_students_matches_formula():
+    """UCMT's reference update: α = min(1 - 1/(t+1), 0.99), teacher = α·t + (1-α)(0.99·s1 + 0.01·s2)."""
     s1, s2 = TinyDS(1), TinyDS(2)
     teacher = copy.deepcopy(s1)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(1.0)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     method = UCMT()
-    method.after_optimizer_step(_ctx({"student1": s1, "student2": s2, "teacher": teacher}))
-    for k, v in teacher.state_dict().items():
-        expected = 0.99 * before[k] + 0.01 * 0.5 * (s1.state_dict()[k] + s2.state_dict()[k])
-        assert torch.allclose(v, expected, atol=1e-6), k
+    for step, alpha in ((1000, 0.99), (3, 0.75)):
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        method.after_optimizer_step(_ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=step))
+        for k, v in teacher.state_dict().items():
+            mix = 0.99 * s1.state_dict()[k] + 0.01 * s2.state_dict()[k]
+            expected = alpha * before[k] + (1 - alpha) * mix
+            assert torch.allclose(v, expected, atol=1e-6), (step, k)
+    # the plain mean (weights omitted) and an explicit weighting
     t2 = copy.deepcopy(teacher)
     ema_update(t2, [s1, s2], 0.5)
     k = "head.weight"
     assert torch.allclose(t2.state_dict()[k], 0.5 * teacher.state_dict()[k]
                           + 0.25 * (s1.state_dict()[k] + s2.state_dict()[k]), atol=1e-6)
+    t3 = copy.deepcopy(teacher)
+    ema_update(t3, [s1, s2], 0.0, weights=[0.25, 0.75])
+    assert torch.allclose(t3.state_dict()[k], 0.25 * s1.state_dict()[k] + 0.75 * s2.state_dict()[k], atol=1e-6)
+    with pytest.raises(ValueError, match="summing to 1"):
+        ema_update(t3, [s1, s2], 0.5, weights=[0.5, 0.6])
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -6,14 +6,15 @@ A CNN ("cnn": the plans' ``architecture``) and a transformer ("transformer": the
     L = w_s·L_s(CNN) + w_s·L_s(ViT) + λ(t)·[L_ct(p_cnn(u), ŷ_vit(u)) + L_ct(p_vit(u), ŷ_cnn(u))]
 
 ŷ = hard argmax of the OTHER network, detached. L_s is the backbone's Dice + CE (deep
-supervision for the CNN) scaled by w_s = 0.5, which gives SSL4MIS's 0.5·(CE + Dice) balance
-against λ. L_ct is Dice (SSL4MIS) over the unlabelled batch, background included, on the
-highest-resolution output. λ(t) = λ_max·exp(-5(1 - t/T)²), λ_max = 0.1, T = ``rampup`` × the
-run's steps (SSL4MIS ramps over 200 of its 200 "epochs": the whole run). No term forces the two
-networks to agree.
+supervision for the CNN), w_s = 1, exactly the supervised trainer's loss, so the CNN's SGD
+steps have the supervised baseline's scale. SSL4MIS uses 0.5·(CE + Dice) with λ_max = 0.1;
+our default λ_max = 0.2 keeps that ratio of pseudo-label to label terms. L_ct is Dice (SSL4MIS)
+over the unlabelled batch, background included, on the highest-resolution output.
+λ(t) = λ_max·exp(-5(1 - t/T)²), T = ``rampup`` × the run's steps (SSL4MIS ramps over 200 of its
+200 "epochs": the whole run). No term forces the two networks to agree.
 
-Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0), ct_loss (dice|ce|dice_ce),
-sup_weight (0.5), predict (cnn|transformer|both; both averages the two softmaxes; the default is
+Options (``--ssl-opt key=value``): lambda (0.2), rampup (1.0), ct_loss (dice|ce|dice_ce),
+sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5 lambda=0.1), predict (cnn|transformer|both; both averages the two softmaxes; the default is
 the ``network`` option, i.e. the CNN unless ``autossl_train --network transformer``).
 """
 from __future__ import annotations
@@ -73,9 +74,9 @@ class CrossTeaching(SSLMethod):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.lambda_max = self.option("lambda", 0.1)
+        self.lambda_max = self.option("lambda", 0.2)
         self.rampup = self.option("rampup", 1.0)
-        self.sup_weight = self.option("sup_weight", 0.5)
+        self.sup_weight = self.option("sup_weight", 1.0)
         self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))

@@ -13,15 +13,10 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import ema_update
+from autossl.ssl.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, has_unlabeled, input_noise, ramp_weight,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register
-
-
-def ema_decay(step: int, max_decay: float) -> float:
-    """SSL4MIS's α = min(1 - 1/(t+1), max_decay): the teacher follows the student closely early on."""
-    return min(1.0 - 1.0 / (step + 1), max_decay)
 
 
 def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -79,4 +74,4 @@ class MeanTeacher(SSLMethod):
         yield loss_sup + weight * loss_unsup
 
     def after_optimizer_step(self, ctx: TrainingContext) -> None:
-        ema_update(ctx.networks["teacher"], [ctx.networks["student"]], ema_decay(ctx.step, self.max_decay))
+        ema_update(ctx.networks["teacher"], [ctx.networks["student"]], warmup_decay(ctx.step, self.max_decay))

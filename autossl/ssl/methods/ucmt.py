@@ -1,13 +1,18 @@
 """UCMT: uncertainty-guided collaborative mean teacher (Shen et al., IJCAI 2023; code Senyh/UCMT).
 
 Two students (same CNN, different initialisation) and a teacher that is, after every optimiser
-step, an EMA (decay 0.99) of the mean of both students' weights. Each iteration has two
+step, an EMA of the students' weights as in the reference code: α = min(1 - 1/(t+1), 0.99),
+teacher = α·teacher + (1 - α)·(0.99·student1 + 0.01·student2). Two differently initialised
+networks do not average into a working network, so the teacher is in effect student 1's EMA. Each iteration has two
 optimiser steps (two yielded losses):
 
 1. CMT. Student i sees its own augmented view v_i of the labelled + unlabelled batch, the
-   teacher the plain batch. L = ½[L_s(s1) + L_s(s2)] + w·λ(t)·(L_x + L_u),
-   L_x = ½[Dice(p_s1(u), ŷ_s2(u)) + Dice(p_s2(u), ŷ_s1(u))],
-   L_u = ½[Dice(p_s1(u), ŷ_t(u)) + Dice(p_s2(u), ŷ_t(u))], w = 0.1, ŷ hard argmax (detached).
+   teacher the plain batch. L = L_s(s1) + L_s(s2) + w·λ(t)·(L_x + L_u),
+   L_x = Dice(p_s1(u), ŷ_s2(u)) + Dice(p_s2(u), ŷ_s1(u)),
+   L_u = Dice(p_s1(u), ŷ_t(u)) + Dice(p_s2(u), ŷ_t(u)), w = 0.1, ŷ hard argmax (detached).
+   The code averages the two students' terms (½ everywhere); each student has its own optimiser,
+   so the sum gives every student exactly the code's balance of terms and, under SGD, the
+   supervised trainer's gradient scale (the code's AdamW does not see a constant factor).
 2. UMIX. Uncertainty map of student i = entropy of mean(p_si, p_t) (step-1 predictions).
    ``autossl.ssl.umix.umix`` swaps the k most uncertain blocks of student 1's map with the k
    most certain of student 2's (and vice versa) within each image of student 1's view; the
@@ -28,7 +33,8 @@ Choices (documented in documentation/ssl_methods.md):
   k = 2.
 * λ: sigmoid ramp over ``rampup`` = 0.2 of the run (the 2D code: 5 of 25 epochs).
 
-Options: weight (0.1), rampup (0.2), ema_decay (0.99), grid (0 = auto), topk (2), umix (true),
+Options: weight (0.1), rampup (0.2), ema_decay (0.99), teacher_mix (0.99, student 1's share of the
+EMA), grid (0 = auto), topk (2), umix (true),
 views (blur|strong), predict (teacher|students), network (cnn|transformer: the students' and
 teacher's architecture; ``autossl_train --network transformer`` sets it).
 """
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.ema import ema_update
+from autossl.ssl.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
@@ -97,6 +103,7 @@ class UCMT(SSLMethod):
         self.weight = self.option("weight", 0.1)
         self.rampup = self.option("rampup", 0.2)
         self.ema_decay = self.option("ema_decay", 0.99)
+        self.teacher_mix = self.option("teacher_mix", 0.99)
         self.grid = self.option("grid", 0)
         self.topk = self.option("topk", 2)
         self.use_umix = self.option("umix", True)
@@ -104,10 +111,11 @@ class UCMT(SSLMethod):
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
-        if not 0 <= self.ema_decay <= 1 or self.grid < 0 or self.topk < 0 or self.weight < 0 or self.rampup < 0:
-            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay <= 1 and grid, topk, weight, rampup >= 0; got "
-                             f"ema_decay={self.ema_decay}, grid={self.grid}, topk={self.topk}, "
-                             f"weight={self.weight}, rampup={self.rampup}")
+        ranges_ok = 0 <= self.ema_decay <= 1 and 0 <= self.teacher_mix <= 1
+        if not ranges_ok or min(self.grid, self.topk, self.weight, self.rampup) < 0:
+            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk, weight, "
+                             f"rampup >= 0; got ema_decay={self.ema_decay}, teacher_mix={self.teacher_mix}, "
+                             f"grid={self.grid}, topk={self.topk}, weight={self.weight}, rampup={self.rampup}")
 
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:
@@ -123,7 +131,8 @@ class UCMT(SSLMethod):
 
     def after_optimizer_step(self, ctx: TrainingContext) -> None:
         n = ctx.networks
-        ema_update(n["teacher"], [n["student1"], n["student2"]], self.ema_decay)
+        ema_update(n["teacher"], [n["student1"], n["student2"]], warmup_decay(ctx.step, self.ema_decay),
+                   weights=[self.teacher_mix, 1.0 - self.teacher_mix])
 
     # ----------------------------------------------------------------- helpers
     def grid_for(self, n_spatial: int) -> int:
@@ -139,14 +148,14 @@ class UCMT(SSLMethod):
         """(L_sup, L_x, L_u, student agreement) for two students' outputs on a labelled + unlabelled batch."""
         o1_l, _ = split_output(out1, n_l)
         o2_l, _ = split_output(out2, n_l)
-        loss_sup = 0.5 * (ctx.supervised_loss(o1_l, target_l) + ctx.supervised_loss(o2_l, target_l))
+        loss_sup = ctx.supervised_loss(o1_l, target_l) + ctx.supervised_loss(o2_l, target_l)
         if pseudo_t is None:
             zero = loss_sup.new_zeros(())
             return loss_sup, zero, zero, None
         m1, m2 = main_output(out1)[n_l:], main_output(out2)[n_l:]
         y1, y2 = m1.detach().argmax(1, keepdim=True), m2.detach().argmax(1, keepdim=True)
-        loss_x = 0.5 * (ucmt_dice(m1, y2) + ucmt_dice(m2, y1))
-        loss_u = 0.5 * (ucmt_dice(m1, pseudo_t) + ucmt_dice(m2, pseudo_t))
+        loss_x = ucmt_dice(m1, y2) + ucmt_dice(m2, y1)
+        loss_u = ucmt_dice(m1, pseudo_t) + ucmt_dice(m2, pseudo_t)
         agreement = (y1 == y2).float().mean()
         return loss_sup, loss_x, loss_u, agreement
 
