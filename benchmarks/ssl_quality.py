@@ -110,8 +110,12 @@ def main(argv=None) -> None:
                 continue
             pred = work / "predictions" / f"{ds}_{method}_s{seed}"
             ssl_opts = ["--ssl-opt", *args.ssl_opt] if args.ssl_opt and method != "none" else []
+            # the protocol's budget is optimiser steps: a method with two per iteration (UCMT's
+            # UMIX step) runs half the iterations
+            per_it = optimizer_steps_per_iteration(method, args.ssl_opt if method != "none" else [])
+            m_epochs = max(1, epochs // per_it)
             train_cmd = ["autossl_train", ds, proto["config"], "all", "-p", plans, "--ssl", method,
-                         "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
+                         "--epochs", str(m_epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
                          "--val-iterations", str(args.val_iterations),
                          "--seed", str(seed), "-device", args.device, *ssl_opts]
             t_train = run(train_cmd, env, log)
@@ -119,13 +123,21 @@ def main(argv=None) -> None:
                           "-d", ds, "-c", proto["config"], "-p", plans, "--ssl", method, "-f", "all",
                           "-device", args.device], env, log)
             row = evaluate(pred, test_labels, Path(env["autossl_raw"]) / ds / "dataset.json", proto)
-            row.update(labeled=lab, method=method, seed=seed, steps=epochs * args.iterations_per_epoch,
+            row.update(labeled=lab, method=method, seed=seed, steps=m_epochs * args.iterations_per_epoch * per_it,
+                       iterations=m_epochs * args.iterations_per_epoch,
                        train_s=round(t_train, 1), predict_s=round(t_pred, 1))
             done[key] = row
             write_tables(list(done.values()), work, args)
             print(format_row(row), flush=True)
     write_tables(list(done.values()), work, args)
     print((work / "results.md").read_text())
+
+
+def optimizer_steps_per_iteration(method: str, ssl_opt: list[str]) -> int:
+    from autossl.ssl.registry import create_method
+
+    options = dict(o.split("=", 1) for o in ssl_opt)
+    return create_method(method, **options).optimizer_steps_per_iteration
 
 
 def evaluate(pred: Path, ref: Path, dataset_json: Path, proto: dict) -> dict:
@@ -152,7 +164,25 @@ def evaluate(pred: Path, ref: Path, dataset_json: Path, proto: dict) -> dict:
 def format_row(r: dict) -> str:
     dice = " | ".join(f"{v:.1f}" for v in r["dice"].values())
     return (f"| {r['method']} | {r['labeled']} | {r['seed']} | {dice} | {r['mean_dice']:.1f} | {r['mean_hd95']:.2f} | "
-            f"{r['mean_asd']:.2f} | {r['steps']} | {r['train_s']:.0f} | {r.get('step_overhead', float('nan')):.2f} |")
+            f"{r['mean_asd']:.2f} | {r['steps']} | {r.get('iterations', r['steps'])} | {r['train_s']:.0f} | "
+            f"{r.get('predict_s', float('nan')):.0f} | {r.get('step_overhead', float('nan')):.2f} |")
+
+
+def gain_summary(rows: list[dict]) -> str:
+    """Per method: mean-Dice gain over supervised on the same labelled set and seed, and the share
+    of the gap to the upper bound (supervised on every pool case, same seed) it closes."""
+    sup = {(r["labeled"], r["seed"]): r["mean_dice"] for r in rows if r["method"] == "none"}
+    lines = []
+    for r in rows:
+        base = sup.get((r["labeled"], r["seed"]))
+        if r["method"] == "none" or base is None:
+            continue
+        gain = r["mean_dice"] - base
+        upper = sup.get(("all", r["seed"]))
+        closed = f", closes {100 * gain / (upper - base):.0f}% of the gap to the upper bound" \
+            if upper is not None and upper > base else ""
+        lines.append(f"- {r['method']} ({r['labeled']}, seed {r['seed']}): {gain:+.1f} mean Dice over supervised{closed}")
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def write_tables(rows: list[dict], work: Path, args) -> None:
@@ -162,9 +192,10 @@ def write_tables(rows: list[dict], work: Path, args) -> None:
         r["step_overhead"] = (r["train_s"] / max(1, r["steps"])) / base if base else float("nan")
     classes = list(rows[0]["dice"]) if rows else []
     head = ("| method | labelled | seed | " + " | ".join(f"Dice {c}" for c in classes) +
-            " | mean Dice | HD95 (mm) | ASD (mm) | steps | train wall (s) | step time / supervised |")
-    sep = "|" + " --- |" * (len(classes) + 9)
-    md = "\n".join([head, sep] + [format_row(r) for r in rows]) + "\n"
+            " | mean Dice | HD95 (mm) | ASD (mm) | optimiser steps | iterations | train wall (s) | "
+            "predict wall (s) | time per optimiser step / supervised |")
+    sep = "|" + " --- |" * (len(classes) + 11)
+    md = "\n".join([head, sep] + [format_row(r) for r in rows]) + "\n" + gain_summary(rows)
     from autossl.utilities.file_io import save_json
 
     save_json({"protocol": args.protocol, "command": " ".join(sys.argv), "rows": rows}, work / "results.json")

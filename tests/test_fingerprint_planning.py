@@ -423,7 +423,7 @@ def test_hippocampus_cpu_plans_are_lighter(hippocampus):
     d, c = plans["configurations"]["3d_fullres"], cpu["configurations"]["3d_fullres"]
     # the H3D preset documented in documentation/planning.md
     assert c["patch_size"] == [32, 40, 32] and c["batch_size"] == 2
-    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64]
+    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128]
     assert c["architecture"]["arch_kwargs"]["strides"] == d["architecture"]["arch_kwargs"]["strides"]
     assert c["spacing"] == d["spacing"] and c["normalization_schemes"] == d["normalization_schemes"]
     assert c["transformer_architecture"]["preset"] == "T"
@@ -461,4 +461,4 @@ def test_h3d_layout_fingerprint_and_cpu_preset(hippocampus_h3d):
     assert plans["configurations"]["3d_fullres"]["batch_size"] == 7
     c = cpu["configurations"]["3d_fullres"]
     assert c["patch_size"] == [32, 40, 32] and c["batch_size"] == 2  # the documented H3D CPU preset
-    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64]
+    assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128]

@@ -241,8 +241,10 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     assert set(UCMT.scalars) <= set(logged)
     assert 0 <= logged["agreement"] <= 1 and 1 / 3 <= logged["teacher_confidence"] <= 1
     assert logged["ramp_weight"] == pytest.approx(0.1)
+    assert method.optimizer_steps_per_iteration == 2
     # without UMIX only the CMT step is yielded
-    assert len(list(create_method("ucmt", umix="false").training_step(lab, unl, ctx))) == 1
+    no_umix = create_method("ucmt", umix="false")
+    assert len(list(no_umix.training_step(lab, unl, ctx))) == 1 and no_umix.optimizer_steps_per_iteration == 1
 
 
 # ----------------------------------------------------------------------------- Primus2D

@@ -3,7 +3,7 @@
 Same rules as the default planner (spacing, transpose, normalisation, topology, patch shrinking,
 configurations), with a compute budget instead of a GPU memory budget:
 
-- thinner U-Nets: features ``8 * 2**i`` capped at 64 (3D) / 128 (2D);
+- thinner U-Nets: features ``16 * 2**i`` capped at 128 (3D), ``8 * 2**i`` capped at 128 (2D);
 - the feature-map reference that nnU-Net scales with GPU memory is a fixed compute budget per
   step (``gpu_memory_target_in_gb`` is ignored): as in nnU-Net, the patch shrinks until a batch
   of 2 fits the budget, and the batch is what fits, here between 2 and ``UNet_max_batch_size_*``;
@@ -21,14 +21,15 @@ from autossl.planning.default_planner import ExperimentPlanner
 class CPUPlanner(ExperimentPlanner):
     default_plans_name = "autosslPlansCPU"
 
-    UNet_base_num_features = 8
-    UNet_max_features_3d = 64
+    UNet_base_num_features = 8  # 2D
+    UNet_base_num_features_3d = 16
+    UNet_max_features_3d = 128
     UNet_max_features_2d = 128
     # Compute budgets, in the units of nnU-Net's estimate (PlainConvUNet.compute_conv_feature_map_size
-    # of one sample): the reference batch may use reference x batch elements per step. 3D: 2.5e6 x 2,
-    # about 2 x 41k voxels at 8 base features (Hippocampus: 32x40x32, batch 2). 2D: 1.25e6 x 12, three
-    # times the 3D elements (3x3 instead of 3x3x3 kernels; measured, a step costs about 1.8x a 3D one)
-    UNet_reference_val_3d = 2_500_000
+    # of one sample): the reference batch may use reference x batch elements per step. 3D: 5e6 x 2,
+    # about 2 x 41k voxels at 16 base features (Hippocampus: 32x40x32, batch 2). 2D: 1.25e6 x 12 at 8
+    # base features (3x3 instead of 3x3x3 kernels; measured, a step costs about 1.8x a 3D one at 8)
+    UNet_reference_val_3d = 5_000_000
     UNet_reference_val_corresp_bs_3d = 2
     UNet_reference_val_2d = 1_250_000
     UNet_reference_val_corresp_bs_2d = 12
@@ -38,6 +39,11 @@ class CPUPlanner(ExperimentPlanner):
     transformer_min_preset = "XT"
     transformer_max_preset = "T"
     transformer_memory_budget_gb = 4.0
+
+    def features_per_stage(self, num_stages: int, dim: int) -> tuple[int, ...]:
+        if dim == 2:
+            return super().features_per_stage(num_stages, dim)
+        return tuple(min(self.UNet_max_features_3d, self.UNet_base_num_features_3d * 2 ** i) for i in range(num_stages))
 
     def reference_and_batch(self, dim: int) -> tuple[float, int]:
         if dim == 2:

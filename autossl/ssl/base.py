@@ -61,6 +61,12 @@ class SSLMethod(ABC):
     def __init__(self, **options: Any):
         self.options = options
 
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """How many losses ``training_step`` yields (optimiser steps per iteration): benchmarks
+        that give every method the same number of optimiser steps divide by it."""
+        return 1
+
     def option(self, key: str, default):
         """Read ``--ssl-opt key=value`` with the type of ``default``."""
         if key not in self.options:

@@ -864,7 +864,9 @@ class Trainer:
             shutil.rmtree(self.output_folder / "pseudo_labels", ignore_errors=True)
         self._stop_loaders()
         ddp.barrier()
-        self.logger.print(f"training done: {self.current_step} steps in {_fmt_time(time.time() - self._t_start)}")
+        k = self.method.optimizer_steps_per_iteration
+        extra = f" ({self.current_step * k} optimiser steps per network)" if k != 1 else ""
+        self.logger.print(f"training done: {self.current_step} steps{extra} in {_fmt_time(time.time() - self._t_start)}")
 
     # ================================================================== budget
     def _estimate_forward_time(self) -> float:

@@ -117,6 +117,10 @@ class UCMT(SSLMethod):
                              f"rampup >= 0; got ema_decay={self.ema_decay}, teacher_mix={self.teacher_mix}, "
                              f"grid={self.grid}, topk={self.topk}, weight={self.weight}, rampup={self.rampup}")
 
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return 2 if self.use_umix else 1
+
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("student1", arch=self.arch), NetworkSpec("student2", arch=self.arch, seed_offset=1),
