@@ -10,7 +10,6 @@ losses through the interface in ``autossl/ssl/base.py``. The trainer never branc
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -36,7 +35,10 @@ from autossl.ssl.registry import create_method
 from autossl.training import ddp
 from autossl.training.augmentation.pipelines import (augmentation_geometry, training_transforms,
                                                      validation_transforms, weak_transforms)
-from autossl.training.budget import BudgetPlan, parse_budget, plan_steps
+from autossl.training import pseudo_labels
+from autossl.training.errors import TrainingError
+from autossl.training.budget import BudgetPlan, parse_budget
+from autossl.training.budget_fit import apply_budget
 from autossl.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from autossl.training.dataloading.augmenter import BatchStream, default_num_workers
 from autossl.training.dataloading.dataset import PreprocessedCases
@@ -48,7 +50,7 @@ from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import build_optimizer, build_schedule, clip_gradients, has_gradients
 from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
-from autossl.utilities.file_io import atomic_path, load_json, save_json
+from autossl.utilities.file_io import load_json, save_json
 from autossl.utilities.label_handling import LabelManager
 
 DEFAULT_PLANS = "autosslPlans"
@@ -58,10 +60,6 @@ OVERSAMPLE_FOREGROUND = 0.33
 BUDGET_WARMUP_STEPS = 3
 BUDGET_MEASURE_STEPS = 10
 _STREAM_IDS = {"train": 1, "val": 2, "unlabeled": 3}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue; the message says why and what to run."""
 
 
 def trainer_name(ssl: str, network: str = "cnn") -> str:
@@ -460,63 +458,12 @@ class Trainer:
                 set_deep_supervision(n, ds)
 
     def predict_unlabeled(self, cases: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Sliding-window probabilities (C, *spatial) of preprocessed unlabelled cases with the
-        method's inference networks (softmax averaged). ``None`` predicts every unlabelled case.
-        Under DDP each rank predicts a share and all ranks receive every case."""
-        all_cases = storage.list_cases(self.unlabeled_data_folder)
-        cases = list(all_cases if cases is None else cases)
-        missing = sorted(set(cases) - set(all_cases))
-        if missing:
-            raise TrainingError(f"predict_unlabeled: not preprocessed in {self.unlabeled_data_folder}: {missing[:5]}")
-        from autossl.training.final_validation import make_predictor
-
-        mine = cases[self.dist.rank::self.dist.world_size]
-        out: dict[str, np.ndarray] = {}
-        if mine:
-            probs = make_predictor(self).predict_preprocessed_cases(self.unlabeled_data_folder, mine)
-            out = {c: p.astype(np.float16) if self.dist.is_ddp else p for c, p in probs.items()}
-        if self.dist.is_ddp:
-            merged: dict[str, np.ndarray] = {}
-            for part in ddp.all_gather_objects(out):
-                merged.update(part)
-            out = {c: merged[c].astype(np.float32) for c in cases}
-        return out
+        """``ctx.predict_unlabeled``: see ``autossl.training.pseudo_labels.predict_unlabeled``."""
+        return pseudo_labels.predict_unlabeled(self, cases)
 
     def set_pseudo_labels(self, labels: dict[str, Any]) -> None:
-        """Hand {case: seg (1, *spatial) int, -1 = ignore} to the unlabelled loader; cases not
-        given are all-ignore. Stored as blosc2 files under fold_X/pseudo_labels/ (removed at the end)."""
-        loader = self._loaders.get("unlabeled")
-        if loader is None:
-            raise TrainingError(f"--ssl {self.ssl}: set_pseudo_labels needs the unlabelled loader "
-                                f"(uses_unlabeled=True and --unlabeled-ratio > 0)")
-        import blosc2
-
-        self._pseudo_label_sets += 1
-        folder = self.output_folder / "pseudo_labels" / f"rank{self.dist.rank}" / f"set_{self._pseudo_label_sets:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for case, seg in labels.items():
-            arr = seg.detach().cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
-            if arr.ndim == len(loader.patch_size):
-                arr = arr[None]
-            data, _, _ = storage.load_case(self.unlabeled_data_folder, case, load_seg=False)
-            if tuple(arr.shape[1:]) != tuple(data.shape[1:]):
-                raise TrainingError(f"pseudo-label for {case}: shape {tuple(arr.shape)} does not match the "
-                                    f"preprocessed case {tuple(data.shape)}")
-            path = folder / f"{case}.b2nd"
-            with atomic_path(path, suffix=".b2nd") as tmp:
-                tmp.unlink(missing_ok=True)
-                blosc2.asarray(np.ascontiguousarray(arr.astype(np.int16)), urlpath=str(tmp), mode="w")
-            files[case] = str(path)
-        if "unlabeled" in self._streams:
-            self._streams.pop("unlabeled").close()
-        loader.set_pseudo_label_files(files)
-        self._streams["unlabeled"] = BatchStream(loader, self.num_workers,
-                                                 self._stream_seeds("unlabeled", self.num_workers),
-                                                 self.device.type == "cuda")
-        for old in sorted(folder.parent.glob("set_*")):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+        """``ctx.set_pseudo_labels``: see ``autossl.training.pseudo_labels.hand_to_loader``."""
+        pseudo_labels.hand_to_loader(self, labels)
 
     # ================================================================== checkpoints
     def _checkpoint_state(self) -> dict:
@@ -722,7 +669,7 @@ class Trainer:
                 if not self._budget_decided and steps_this_session > BUDGET_WARMUP_STEPS:
                     measured.append(time.time() - t_it)
                     if len(measured) == BUDGET_MEASURE_STEPS:
-                        self._apply_budget(float(np.mean(measured)))
+                        apply_budget(self, float(np.mean(measured)))
             val_loss, dice = self._validate_epoch()
             self._end_epoch(epoch, epoch_start, losses, val_loss, dice, lrs, epoch_times)
 
@@ -867,77 +814,6 @@ class Trainer:
         k = self.method.optimizer_steps_per_iteration
         extra = f" ({self.current_step * k} optimiser steps per network)" if k != 1 else ""
         self.logger.print(f"training done: {self.current_step} steps{extra} in {_fmt_time(time.time() - self._t_start)}")
-
-    # ================================================================== budget
-    def _estimate_forward_time(self) -> float:
-        """Seconds per validation batch forward pass with the inference networks."""
-        nets = self._inference_modules()
-        x = torch.zeros((self.batch_size, self.num_input_channels, *self.patch_size), device=self.device)
-        with self._eval_mode(nets), torch.no_grad(), self._autocast():
-            for net in nets:
-                net(x)  # warm-up
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.time()
-            for _ in range(2):
-                for net in nets:
-                    net(x)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-        return (time.time() - t) / 2
-
-    def _sliding_window_tiles(self, shape) -> int:
-        shape = tuple(int(s) for s in shape)
-        patch = self.patch_size
-        if len(patch) == len(shape) - 1:
-            n_slices, shape = shape[0], shape[1:]
-        else:
-            n_slices = 1
-        n = 1
-        for s, p in zip(shape, patch):
-            n *= 1 if s <= p else int(math.ceil((s - p) / (p * 0.5))) + 1
-        return n * n_slices
-
-    def _prediction_time(self, folder: Path, cases: list[str], t_patch: float) -> float:
-        total = 0.0
-        flips = 2 ** len(self.geometry.mirror_axes)
-        for case in cases:
-            data, _, _ = storage.load_case(folder, case, load_seg=False)
-            total += self._sliding_window_tiles(data.shape[1:]) * flips * t_patch + 2.0
-        return total
-
-    def _apply_budget(self, step_time: float) -> None:
-        """Fix the run's length from the measured step time (``--budget``)."""
-        t_fwd = self._estimate_forward_time()
-        t_patch = t_fwd / max(1, self.batch_size)
-        t0 = time.time()
-        torch.save(self._checkpoint_state(), io.BytesIO())
-        t_ckpt = (time.time() - t0) / self.save_every
-        epoch_overhead = (self.val_iterations * t_fwd * 1.3 if "val" in self._streams else 0.0) + t_ckpt + 1.0
-        final = 0.0
-        if self.fold != "all":
-            final += self._prediction_time(self.data_folder, self.val_keys, t_patch) / self.dist.world_size
-        if self.rounds > 1:
-            final += (self.rounds - 1) * self._prediction_time(self.unlabeled_data_folder, self.unlabeled_keys,
-                                                               t_patch) / self.dist.world_size
-        plan = plan_steps(self.budget_s, time.time() - self._t_start, step_time, epoch_overhead, final,
-                          self.iterations_per_epoch, steps_done=self.current_step)
-        if self.max_epochs is not None and plan.epochs > self.max_epochs:
-            total = self.max_epochs * self.iterations_per_epoch
-            plan = BudgetPlan(self.max_epochs, self.iterations_per_epoch, total, step_time, epoch_overhead, final,
-                              time.time() - self._t_start + (total - self.current_step) * step_time
-                              + (self.max_epochs - self.current_step // self.iterations_per_epoch) * epoch_overhead
-                              + final)
-        plan = ddp.broadcast_object(plan)
-        self._budget_plan = plan
-        self._budget_decided = True
-        self.iterations_per_epoch = plan.iterations_per_epoch
-        self.num_epochs = plan.epochs
-        self.total_steps = max(plan.total_steps, self.current_step)
-        self.ctx.total_steps = self.total_steps
-        for s in self.schedulers.values():
-            s.set_total_steps(self.total_steps)
-        self.logger.print(plan.describe())
 
     # ================================================================== final validation
     def perform_final_validation(self) -> dict | None:
