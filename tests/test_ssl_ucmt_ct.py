@@ -366,6 +366,29 @@ def _check_run(planned, trainer: str, networks: set[str], inference: list[str], 
 def test_e2e_cross_teaching(planned):
     _train(planned, "--ssl", "cross_teaching")
     _check_run(planned, "autosslTrainer_cross_teaching", {"cnn", "transformer"}, ["cnn"], CrossTeaching.scalars)
+    _check_members(planned, "autosslTrainer_cross_teaching")
+
+
+def _check_members(planned, trainer: str) -> None:
+    """The transformer, or both networks, predict on request at predict time (--members)."""
+    from autossl.cli.predict import main as predict_main
+    from autossl.inference.predictor import PredictionError, Predictor
+
+    root, name = planned["root"], planned["name"]
+    model = root / "autossl_results" / name / f"{trainer}__{planned['plans']}__{planned['configuration']}"
+    for members in (["transformer"], ["cnn", "transformer"]):
+        predictor = Predictor(use_mirroring=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(model, [0], members=members)
+        assert list(predictor.networks) == members
+        assert any(k.startswith("eva.") for k in predictor.networks["transformer"].state_dict())
+    with pytest.raises(PredictionError, match="--members student1: not networks of this checkpoint; it has cnn, "
+                                              "transformer"):
+        Predictor(allow_tqdm=False).initialize_from_trained_model_folder(model, [0], members=["student1"])
+    out = root / "pred_members"
+    argv = ["-i", str(root / "autossl_raw" / name / "imagesTs"), "-o", str(out), "-d", str(planned["id"]),
+            "-c", planned["configuration"], "-p", planned["plans"], "--ssl", "cross_teaching", "-f", "0",
+            "--members", "cnn", "transformer", "--disable_tta", "-device", "cpu", "--disable_progress_bar"]
+    assert predict_main(argv) == 0 and len(list(out.glob("*.nii.gz")) + list(out.glob("*.png"))) == 1
 
 
 def test_e2e_ucmt(planned):

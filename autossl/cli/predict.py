@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", nargs="+", default=None,
                    help="folds to ensemble (default: every fold_X that has the checkpoint)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("--members", nargs="+", default=None,
+                   help="networks of the checkpoint that predict, softmax averaged (default: the method's "
+                        "choice); e.g. 'cnn transformer' for cross teaching, 'student1 student2' for UCMT")
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write <case>.npz (probabilities) + <case>.pkl, needed by autossl_ensemble")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                           device=torch.device(args.device), verbose=args.verbose,
                           allow_tqdm=not args.disable_progress_bar, use_amp=False if args.fp32 else None)
     try:
-        predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
+        predictor.initialize_from_trained_model_folder(folder, folds, args.chk, members=args.members)
         written = predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
                                                overwrite=not args.continue_prediction,
                                                num_processes_preprocessing=args.npp,

@@ -124,6 +124,17 @@ def _get_plans_manager(plans):
     return plans
 
 
+def _member_specs(ckpt: dict, members: Sequence[str], path: Path) -> list[dict]:
+    """Specs {"name", "arch"} of the requested networks of an autossl checkpoint."""
+    specs = {s["name"]: s for s in (ckpt.get("network_specs") or ckpt.get("inference_networks") or [])}
+    available = sorted(set(specs) & set(ckpt.get("networks") or {}))
+    unknown = [m for m in members if m not in available]
+    if unknown:
+        raise PredictionError(f"{path}: --members {' '.join(unknown)}: not networks of this checkpoint; "
+                              f"it has {', '.join(available) or 'no named networks'}")
+    return [{"name": m, "arch": specs[m].get("arch", "cnn")} for m in dict.fromkeys(members)]
+
+
 def _fold_key(f) -> int | str:
     return f if f == "all" else int(f)
 
@@ -165,7 +176,11 @@ class Predictor:
 
     def initialize_from_trained_model_folder(self, model_folder: str | os.PathLike,
                                              use_folds: Sequence[int | str] | int | str | None = None,
-                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+                                             checkpoint_name: str = "checkpoint_final.pth",
+                                             members: Sequence[str] | None = None) -> None:
+        """``members``: which of the checkpoint's networks predict (softmax averaged), instead of the
+        method's ``inference_networks`` (e.g. ``["transformer"]`` or ``["cnn", "transformer"]`` for
+        cross teaching, ``["student1", "student2"]`` for UCMT)."""
         model_folder = Path(model_folder)
         if not model_folder.is_dir():
             raise PredictionError(f"model folder {model_folder} does not exist; train a model first "
@@ -195,6 +210,8 @@ class Predictor:
             except Exception as e:
                 raise PredictionError(f"{path}: cannot read the checkpoint ({e})") from None
             fold_specs = ckpt.get("inference_networks") or [{"name": "network", "arch": "cnn"}]
+            if members:
+                fold_specs = _member_specs(ckpt, members, path)
             fold_specs = [{"name": s["name"], "arch": s.get("arch", "cnn")} for s in fold_specs]
             if "networks" in ckpt and ckpt["networks"]:
                 missing = [s["name"] for s in fold_specs if s["name"] not in ckpt["networks"]]

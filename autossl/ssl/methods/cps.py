@@ -2,7 +2,7 @@
 
 Two networks of the same architecture with different initialisations see the same batch;
 L = L_s(f1) + L_s(f2) + λ (CE(p1, ŷ2) + CE(p2, ŷ1)), ŷ the other network's hard argmax (no
-gradient), on the labelled and the unlabelled images; λ = 1.5 as in the paper.
+gradient), on the labelled and the unlabelled images; λ ramped to 0.1 (SSL4MIS; the paper: 1.5).
 
 CutMix variant (``cps_cutmix`` or ``--ssl-opt cutmix=true``): each unlabelled image is mixed
 with another one under a random box mask M; the pseudo-label of the mix is the same mix, under
@@ -44,8 +44,7 @@ def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 @register("cps")
 class CPS(SSLMethod):
-    """Options: lambda (1.5), rampup (0.0 = constant λ; a fraction of the run ramps it with the
-    sigmoid ramp-up), cutmix (false), cutmix_min / cutmix_max (0.25 / 0.5: share of the patch the
+    """Options: lambda (0.1), rampup (1.0: the sigmoid ramp-up over the whole run; 0 = constant λ), cutmix (false), cutmix_min / cutmix_max (0.25 / 0.5: share of the patch the
     box covers), inference (both|cnn1|cnn2)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight", "agreement")
@@ -54,8 +53,11 @@ class CPS(SSLMethod):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.lambda_max = self.option("lambda", 1.5)
-        self.rampup = self.option("rampup", 0.0)
+        # SSL4MIS's medical recipe (λ_max 0.1, ramped over the run), not the paper's constant 1.5:
+        # from scratch, 1.5 from the first step makes both networks agree on background and a
+        # small class is never learned (documentation/ssl_methods.md)
+        self.lambda_max = self.option("lambda", 0.1)
+        self.rampup = self.option("rampup", 1.0)
         self.cutmix = self.option("cutmix", self.default_cutmix)
         self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
         if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:

@@ -4,7 +4,8 @@ Weak view: the unlabelled batch as delivered (spatial + mirror). Strong view:
 ``ctx.strong_augment`` of the weak view (intensity only, so the geometry is identical) plus
 CutOut. The weak view's prediction (no gradient) gives a hard pseudo-label, kept at voxels
 where max p >= τ; the strong view's prediction is trained against it with CE averaged over all
-voxels of the batch (FixMatch's mean of mask·CE). L = L_s + λ_u·L_u, λ_u = 1.
+voxels of the batch (FixMatch's mean of mask·CE). L = L_s + λ_u(t)·L_u, λ_u ramped to 1 with
+the sigmoid ramp-up over the run (the paper: constant 1; see documentation/ssl_methods.md).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 
 @register("fixmatch")
 class FixMatch(SSLMethod):
-    """Options: threshold (0.95), lambda (1.0), rampup (0.0 = constant λ_u), cutout (true),
+    """Options: threshold (0.95), lambda (1.0), rampup (1.0: the whole run; 0 = constant λ_u), cutout (true),
     cutout_min / cutout_max (0.05 / 0.25: share of the patch erased)."""
 
     scalars = ("loss_sup", "loss_unsup", "pl_confidence", "pl_share")
@@ -44,7 +45,9 @@ class FixMatch(SSLMethod):
         super().__init__(**options)
         self.threshold = self.option("threshold", 0.95)
         self.lambda_u = self.option("lambda", 1.0)
-        self.rampup = self.option("rampup", 0.0)
+        # ramped, not the paper's constant λ_u: early, nearly every confident voxel is background,
+        # and a constant weight teaches a from-scratch network to under-segment small structures
+        self.rampup = self.option("rampup", 1.0)
         self.cutout = self.option("cutout", True)
         self.cutout_fraction = (self.option("cutout_min", 0.05), self.option("cutout_max", 0.25))
         if not 0 <= self.threshold <= 1:
