@@ -355,6 +355,8 @@ def test_self_training_pseudo_label_filtering_rounds_and_state():
     st.on_round_end(2, ctx)
     assert len(asked) == 3
     # resume: state restores the round and hands the pseudo-labels to the loader again
+    assert st.restart_lr_each_round is True
+    assert create_method("self_training", restart_lr="false").restart_lr_each_round is False
     st2 = create_method("self_training", rounds=3)
     st2.load_state_dict(st.state_dict())
     again = []
@@ -533,6 +535,9 @@ def test_method_trains_end_to_end_3d(e2e_env, method_name):
         assert "end of round 1/2" in text
         unsup = [float(v) for v in re.findall(r"loss_unsup ([-+0-9.e]+)", text)]
         assert unsup[0] == 0.0 and unsup[-1] > 0.0  # round 0 supervised only; pseudo-labels later
+        # each round restarts the learning rate: epoch 2 (round 2) starts at lr0 again
+        assert trainer.schedulers["student"].cycles == 2
+        assert [float(v) for v in re.findall(r"lr student=([0-9.e-]+)", text)] == [0.01, 0.01]
         assert not (trainer.output_folder / "pseudo_labels").exists()
 
 

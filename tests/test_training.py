@@ -187,6 +187,25 @@ def test_poly_and_warmup_schedules_step_per_iteration():
     assert s2.lr_at(50) == pytest.approx(1e-2 * 0.5 ** 0.9)
 
 
+def test_schedule_restarts_every_round():
+    """cycles=2 (self-training's rounds): warm-up and decay run twice, each ending annealed."""
+    from autossl.training.optim import round_boundaries
+
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    c = PolyWarmupSchedule(sgd, 1e-2, total_steps=100, cycles=2)
+    assert round_boundaries(100, 2) == [50] and round_boundaries(100, 1) == [] and round_boundaries(90, 3) == [30, 60]
+    assert c.lr_at(0) == pytest.approx(1e-2) and c.lr_at(25) == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert c.lr_at(49) == pytest.approx(1e-2 * (1 / 50) ** 0.9)
+    assert c.lr_at(50) == pytest.approx(1e-2) and c.lr_at(75) == pytest.approx(1e-2 * 0.5 ** 0.9)
+    c.set_total_steps(200)  # --budget decides the length later: the restart moves with it
+    assert c.lr_at(100) == pytest.approx(1e-2) and c.lr_at(99) < 1e-3
+    vit = PolyWarmupSchedule(sgd, 3e-4, total_steps=200, warmup_fraction=0.05, cycles=2)  # 5 warm-up steps a round
+    assert vit.lr_at(100) == pytest.approx(3e-4 / 5) and vit.lr_at(104) == pytest.approx(3e-4)
+    again = PolyWarmupSchedule(sgd, 1.0, total_steps=1)
+    again.load_state_dict(c.state_dict())
+    assert again.cycles == 2 and again.lr_at(150) == pytest.approx(1e-2 * 0.5 ** 0.9)
+
+
 def test_ddp_batch_split_matches_nnunet():
     assert split_batch(2, 0.33, 1, 0) == (2, 0.33)
     sizes = [split_batch(5, 0.33, 2, r)[0] for r in range(2)]

@@ -57,6 +57,9 @@ class SSLMethod(ABC):
     #: offline rounds (self-training): the trainer splits the run into this many rounds and calls
     #: ``on_round_end`` between them
     rounds: ClassVar[int] = 1
+    #: restart the learning-rate schedule (warm-up and poly decay) at every round, so that each
+    #: round ends annealed (self-training predicts its pseudo-labels with that model)
+    restart_lr_each_round: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = options

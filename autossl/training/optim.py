@@ -41,33 +41,47 @@ def build_optimizer(network: nn.Module, arch: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
 
+def round_boundaries(total_steps: int, rounds: int) -> list[int]:
+    """Steps at which rounds 2..n of an ``rounds``-round run start (offline methods)."""
+    return [int(round(total_steps * (r + 1) / rounds)) for r in range(max(1, rounds) - 1)]
+
+
 class PolyWarmupSchedule:
     """lr(step): linear warm-up from lr0/warmup to lr0 over ``warmup`` steps, then
-    lr0 · (1 - (step - warmup) / (total - warmup))^exponent. ``step(s)`` sets the lr for step s."""
+    lr0 · (1 - (step - warmup) / (total - warmup))^exponent. ``step(s)`` sets the lr for step s.
+
+    ``cycles`` > 1 restarts the schedule at ``round_boundaries(total, cycles)``: each round of an
+    offline method (self-training) is then a whole training with its own warm-up and decay."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, total_steps: int,
-                 warmup_fraction: float = 0.0, exponent: float = 0.9):
+                 warmup_fraction: float = 0.0, exponent: float = 0.9, cycles: int = 1):
         self.optimizer = optimizer
         self.initial_lr = float(initial_lr)
         self.warmup_fraction = float(warmup_fraction)
         self.exponent = float(exponent)
+        self.cycles = max(1, int(cycles))
         self.total_steps = max(1, int(total_steps))
         self.last_step = 0
         self.step(0)
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.total_steps))
 
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = max(1, int(total_steps))
         self.step(self.last_step)
 
+    def _cycle(self, step: int) -> tuple[int, int]:
+        bounds = [0, *round_boundaries(self.total_steps, self.cycles), self.total_steps]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if step < end:
+                return start, end
+        return bounds[-2], bounds[-1]
+
     def lr_at(self, step: int) -> float:
-        w = self.warmup_steps
+        start, end = self._cycle(step)
+        step, length = step - start, max(1, end - start)
+        w = int(round(self.warmup_fraction * length))
         if w > 0 and step < w:
             return self.initial_lr * (step + 1) / w
-        span = max(1, self.total_steps - w)
+        span = max(1, length - w)
         frac = min(1.0, max(0.0, (step - w) / span))
         return self.initial_lr * (1.0 - frac) ** self.exponent
 
@@ -83,19 +97,21 @@ class PolyWarmupSchedule:
 
     def state_dict(self) -> dict:
         return {"initial_lr": self.initial_lr, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction,
-                "exponent": self.exponent, "last_step": self.last_step}
+                "exponent": self.exponent, "last_step": self.last_step, "cycles": self.cycles}
 
     def load_state_dict(self, state: dict) -> None:
         self.initial_lr = float(state["initial_lr"])
         self.total_steps = int(state["total_steps"])
         self.warmup_fraction = float(state["warmup_fraction"])
         self.exponent = float(state["exponent"])
+        self.cycles = int(state.get("cycles", 1))
         self.step(int(state["last_step"]))
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, arch: str, total_steps: int) -> PolyWarmupSchedule:
+def build_schedule(optimizer: torch.optim.Optimizer, arch: str, total_steps: int,
+                   cycles: int = 1) -> PolyWarmupSchedule:
     cfg = CONFIGS[arch]
-    return PolyWarmupSchedule(optimizer, cfg.lr, total_steps, cfg.warmup_fraction)
+    return PolyWarmupSchedule(optimizer, cfg.lr, total_steps, cfg.warmup_fraction, cycles=cycles)
 
 
 def clip_gradients(network: nn.Module, max_norm: float = 12.0) -> None:

@@ -47,7 +47,7 @@ from autossl.training.dataloading.splits import split_for_fold
 from autossl.training.logger import TrainingLogger
 from autossl.training.losses import RegionSupervisedLoss, SupervisedLoss
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
-from autossl.training.optim import build_optimizer, build_schedule, clip_gradients, has_gradients
+from autossl.training.optim import build_optimizer, build_schedule, clip_gradients, has_gradients, round_boundaries
 from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json, save_json
@@ -344,7 +344,9 @@ class Trainer:
             net = self.networks[spec.name]
             if spec.trainable:
                 self.optimizers[spec.name] = build_optimizer(net, spec.arch)
-                self.schedulers[spec.name] = build_schedule(self.optimizers[spec.name], spec.arch, self.total_steps)
+                cycles = self.rounds if self.method.restart_lr_each_round else 1
+                self.schedulers[spec.name] = build_schedule(self.optimizers[spec.name], spec.arch, self.total_steps,
+                                                            cycles)
                 wrapped = torch.compile(net) if self.compile else net
                 if self.dist.is_ddp:
                     wrapped = nn.parallel.DistributedDataParallel(
@@ -639,7 +641,7 @@ class Trainer:
         save_json(info, self.output_folder / "debug.json")
 
     def _round_boundaries(self) -> list[int]:
-        return [int(round(self.total_steps * (r + 1) / self.rounds)) for r in range(self.rounds - 1)]
+        return round_boundaries(self.total_steps, self.rounds)
 
     def train(self) -> None:
         """The step loop: epochs of ``iterations_per_epoch`` steps until ``total_steps``."""
@@ -813,7 +815,8 @@ class Trainer:
         ddp.barrier()
         k = self.method.optimizer_steps_per_iteration
         extra = f" ({self.current_step * k} optimiser steps per network)" if k != 1 else ""
-        self.logger.print(f"training done: {self.current_step} steps{extra} in {_fmt_time(time.time() - self._t_start)}")
+        elapsed = _fmt_time(time.time() - self._t_start)
+        self.logger.print(f"training done: {self.current_step} steps{extra} in {elapsed}")
 
     # ================================================================== final validation
     def perform_final_validation(self) -> dict | None:

@@ -5,8 +5,11 @@ end of each round but the last, the unlabelled cases are predicted with the real
 predictor (``ctx.predict_unlabeled``), turned into hard pseudo-labels (voxels whose max
 probability is below ``threshold`` get the ignore label -1) and handed to the unlabelled loader
 (``ctx.set_pseudo_labels``). Later rounds train on L_s(labelled) + weight·L_s(pseudo-labelled),
-the pseudo-labelled term ignoring -1 voxels. By default the network continues from its weights
-(``reinit=true`` restarts each round from a fresh initialisation, as in the classic recipe).
+the pseudo-labelled term ignoring -1 voxels. Each round is a whole training: the learning-rate
+schedule restarts (warm-up, poly decay) at every round, so the pseudo-labels come from an
+annealed model (``restart_lr=false``: one schedule over the run). By default the network
+continues from its weights (``reinit=true`` restarts each round from a fresh initialisation, as
+in the classic recipe).
 """
 from __future__ import annotations
 
@@ -78,8 +81,8 @@ def reinitialise(net: torch.nn.Module) -> None:
 @register("self_training")
 class SelfTraining(SSLMethod):
     """Options: rounds (2), threshold (0.9: voxels with max p below it are ignored; 0 keeps all),
-    weight (1.0: weight of the pseudo-labelled loss), reinit (false), chunk (4: unlabelled cases
-    per predictor call)."""
+    weight (1.0: weight of the pseudo-labelled loss), reinit (false), restart_lr (true: every round
+    restarts the learning-rate schedule), chunk (4: unlabelled cases per predictor call)."""
 
     scalars = ("loss_sup", "loss_unsup", "round", "pl_share", "pl_confidence")
     default_unlabeled_ratio = 1.0
@@ -87,6 +90,9 @@ class SelfTraining(SSLMethod):
     def __init__(self, **options):
         super().__init__(**options)
         self.rounds = self.option("rounds", 2)  # the trainer reads this instance attribute
+        # each round a whole training (warm-up and poly decay restart), so pseudo-labels come from
+        # an annealed model; false = one schedule over the whole run
+        self.restart_lr_each_round = self.option("restart_lr", True)
         self.threshold = self.option("threshold", 0.9)
         self.weight = self.option("weight", 1.0)
         self.reinit = self.option("reinit", False)
