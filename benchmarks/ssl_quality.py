@@ -179,8 +179,8 @@ def gain_summary(rows: list[dict]) -> str:
             continue
         gain = r["mean_dice"] - base
         upper = sup.get(("all", r["seed"]))
-        closed = f", closes {100 * gain / (upper - base):.0f}% of the gap to the upper bound" \
-            if upper is not None and upper > base else ""
+        closed = (f", {100 * gain / (upper - base):.0f}% of the {upper - base:.1f}-point gap to the upper bound"
+                  if upper is not None and upper > base else "")
         lines.append(f"- {r['method']} ({r['labeled']}, seed {r['seed']}): {gain:+.1f} mean Dice over supervised{closed}")
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
