@@ -40,10 +40,8 @@ class CPUPlanner(ExperimentPlanner):
     transformer_max_preset = "T"
     transformer_memory_budget_gb = 4.0
 
-    def features_per_stage(self, num_stages: int, dim: int) -> tuple[int, ...]:
-        if dim == 2:
-            return super().features_per_stage(num_stages, dim)
-        return tuple(min(self.UNet_max_features_3d, self.UNet_base_num_features_3d * 2 ** i) for i in range(num_stages))
+    def base_num_features(self, dim: int) -> int:
+        return self.UNet_base_num_features_3d if dim == 3 else self.UNet_base_num_features
 
     def reference_and_batch(self, dim: int) -> tuple[float, int]:
         if dim == 2:

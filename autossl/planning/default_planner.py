@@ -218,9 +218,13 @@ class ExperimentPlanner:
         return f"{self.plans_identifier}_{configuration_name}"
 
     # ------------------------------------------------------------------ network size estimate
+    def base_num_features(self, dim: int) -> int:
+        """Features of the first stage (presets may differ between 2D and 3D)."""
+        return self.UNet_base_num_features
+
     def features_per_stage(self, num_stages: int, dim: int) -> tuple[int, ...]:
         cap = self.UNet_max_features_2d if dim == 2 else self.UNet_max_features_3d
-        return tuple(min(cap, self.UNet_base_num_features * 2 ** i) for i in range(num_stages))
+        return tuple(min(cap, self.base_num_features(dim) * 2 ** i) for i in range(num_stages))
 
     def reference_and_batch(self, dim: int) -> tuple[float, int]:
         """(reference feature-map size, the batch size it corresponds to) for our memory target."""
