@@ -247,6 +247,19 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     assert len(list(no_umix.training_step(lab, unl, ctx))) == 1 and no_umix.optimizer_steps_per_iteration == 1
 
 
+def test_ucmt_student_views():
+    x = torch.randn(4, 1, 8, 10, 6)
+    ctx = _ctx({}, step=0)
+    v1, v2 = create_method("ucmt", views="none").student_views(x, ctx)
+    assert v1 is x and v2 is x  # the loader's batch, untouched
+    b1, b2 = create_method("ucmt").student_views(x, ctx)  # default blur: p 0.8 per sample, independent draws
+    changed = [not torch.equal(b1[i], x[i]) for i in range(4)] + [not torch.equal(b2[i], x[i]) for i in range(4)]
+    assert any(changed) and not torch.equal(b1, b2)
+    assert b1.shape == x.shape and torch.allclose(b1.mean(), x.mean(), atol=0.2)  # a blur keeps the mean level
+    with pytest.raises(ValueError, match="views"):
+        create_method("ucmt", views="sharp")
+
+
 # ----------------------------------------------------------------------------- Primus2D
 def test_primus2d_forward_backward_and_build():
     torch.manual_seed(0)

@@ -26,7 +26,8 @@ Choices (documented in documentation/ssl_methods.md):
   unsupervised Dice is per sample, background included (the code's DSCLoss).
 * Views: ``views=blur`` (default) = two independent draws of the code's 3D augmentation
   (Gaussian blur, p 0.8, σ ~ U(0.1, 2) voxels); ``views=strong`` = two draws of the trainer's
-  strong intensity augmentation (ctx.strong_augment).
+  strong intensity augmentation (ctx.strong_augment); ``views=none`` = both students see the
+  batch as the loader augmented it (they differ by their initialisation only).
 * Deep supervision for mixed labelled samples: the mixed full-resolution label is downsampled
   (nearest) to every output scale.
 * Grid: 8 blocks per axis in 3D (the 3D code), 16 in 2D (the 2D code's 256/16-pixel blocks);
@@ -35,7 +36,7 @@ Choices (documented in documentation/ssl_methods.md):
 
 Options: weight (0.1), rampup (0.2), ema_decay (0.99), teacher_mix (0.99, student 1's share of the
 EMA), grid (0 = auto), topk (2), umix (true),
-views (blur|strong), predict (teacher|students), network (cnn|transformer: the students' and
+views (blur|strong|none), predict (teacher|students), network (cnn|transformer: the students' and
 teacher's architecture; ``autossl_train --network transformer`` sets it).
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ class UCMT(SSLMethod):
         self.grid = self.option("grid", 0)
         self.topk = self.option("topk", 2)
         self.use_umix = self.option("umix", True)
-        self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong"))
+        self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong", "none"))
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
@@ -143,6 +144,8 @@ class UCMT(SSLMethod):
         return self.grid if self.grid > 0 else (8 if n_spatial == 3 else 16)
 
     def student_views(self, x: torch.Tensor, ctx: TrainingContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.views == "none":
+            return x, x
         if self.views == "strong":
             return ctx.strong_augment(x), ctx.strong_augment(x)
         gen = cpu_generator(ctx)
