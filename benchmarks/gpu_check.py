@@ -26,25 +26,13 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-
-
-def run(cmd: list[str], env: dict, log: Path) -> float:
-    t0 = time.time()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        tail = log.read_text().splitlines()[-30:]
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
-    return time.time() - t0
+sys.path.insert(0, str(HERE))
+from ssl_quality import run  # noqa: E402  (logs each command, stops with the log's end on failure)
 
 
 def last_epoch(results: Path) -> dict:

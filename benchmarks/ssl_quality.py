@@ -38,7 +38,8 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
         f.flush()
         p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}; see {log}")
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}; see {log}; its end:\n{tail}")
     return time.time() - t0
 
 
