@@ -5,6 +5,13 @@ preprocess -> train -> predict -> evaluate), each step through the console comma
     python benchmarks/ssl_quality.py --protocol H3D --labeled labeled_10 \
         --methods none mean_teacher ua_mt cps fixmatch self_training cross_teaching ucmt --upper-bound
 
+Every method gets the same number of iterations (labelled batches); ``--warmup W`` gives every
+semi-supervised method a supervised warm start inside its run (the first W of the iterations,
+counted in the row's total). ``--diagnostics`` scores what each model predicts for a fixed
+subset of the unlabelled pool (its pseudo-labels) against the pool's labels, which the benchmark
+reads from the upper-bound conversion (a separate raw dataset; training never sees them), at
+snapshots over the run and at its end.
+
 Writes <workdir>/results.json and results.md (one row per method and seed) and prints the table.
 """
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +81,13 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     ap.add_argument("--ssl-opt", nargs="*", default=[], help="extra --ssl-opt passed to every SSL method")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="autossl_train --warmup for every semi-supervised method (default: the method's)")
+    ap.add_argument("--tag", default="", help="label of these rows (variants of a method in one table)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="pseudo-label Dice on a subset of the unlabelled pool over the run and at its end")
+    ap.add_argument("--diag-cases", type=int, default=10, help="unlabelled cases scored by --diagnostics")
+    ap.add_argument("--diag-snapshots", type=int, default=4, help="points of the run scored by --diagnostics")
     args = ap.parse_args(argv)
 
     proto = PROTOCOLS[args.protocol]
@@ -93,7 +108,7 @@ def main(argv=None) -> None:
     if args.upper_bound:
         settings.append(("all", "none"))
     results_file = work / "results.json"
-    done = {(r["labeled"], r["method"], r["seed"]): r for r in (json.loads(results_file.read_text())["rows"] if results_file.exists() else [])}
+    done = {row_key(r): r for r in (json.loads(results_file.read_text())["rows"] if results_file.exists() else [])}
     prepared: dict[str, tuple[str, Path]] = {}
     for lab, method in settings:
         if lab not in prepared:
@@ -105,28 +120,50 @@ def main(argv=None) -> None:
                 print(f"[{ds}] planned and preprocessed in {t:.0f} s", flush=True)
             prepared[lab] = (ds, test_labels)
         ds, test_labels = prepared[lab]
+        pool_labels = None
+        if args.diagnostics and lab != "all":
+            ds_all, _ = build_dataset(proto, args.protocol, "all", proto["base_id"] + 9, env, work, log)
+            pool_labels = Path(env["autossl_raw"]) / ds_all / "labelsTr"
         for seed in args.seeds:
-            key = (lab, method, seed)
+            tag = args.tag if method != "none" or lab == "all" else ""
+            key = (lab, method, seed, tag)
             if key in done:
                 continue
             pred = work / "predictions" / f"{ds}_{method}_s{seed}"
             ssl_opts = ["--ssl-opt", *args.ssl_opt] if args.ssl_opt and method != "none" else []
-            # the protocol's budget is optimiser steps: a method with two per iteration (UCMT's
-            # UMIX step) runs half the iterations
-            per_it = optimizer_steps_per_iteration(method, args.ssl_opt if method != "none" else [])
-            m_epochs = max(1, epochs // per_it)
+            # the protocol's budget is iterations (labelled batches): a method with two optimiser
+            # steps per iteration (UCMT's UMIX step) gets as many iterations as the others
+            m = method_instance(method, args.ssl_opt if method != "none" else [])
+            per_it = m.optimizer_steps_per_iteration
+            m_epochs = epochs
+            warm = [] if method == "none" or args.warmup is None else ["--warmup", str(args.warmup)]
+            snap_every = max(1, m_epochs // args.diag_snapshots) if pool_labels is not None else 0
             train_cmd = ["autossl_train", ds, proto["config"], "all", "-p", plans, "--ssl", method,
                          "--epochs", str(m_epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
                          "--val-iterations", str(args.val_iterations),
-                         "--seed", str(seed), "-device", args.device, *ssl_opts]
+                         "--seed", str(seed), "-device", args.device, *ssl_opts, *warm]
+            if snap_every:
+                train_cmd += ["--snapshot-every", str(snap_every)]
+            model_dir = (Path(env["autossl_results"]) / ds /
+                         f"{'autosslTrainer' if method == 'none' else 'autosslTrainer_' + method}__{plans}__{proto['config']}")
+            if (model_dir / "fold_all" / "checkpoint_final.pth").exists():
+                shutil.rmtree(model_dir)  # an earlier variant of the same method: train this one afresh
             t_train = run(train_cmd, env, log)
             t_pred = run(["autossl_predict", "-i", str(Path(env["autossl_raw"]) / ds / "imagesTs"), "-o", str(pred),
                           "-d", ds, "-c", proto["config"], "-p", plans, "--ssl", method, "-f", "all",
                           "-device", args.device], env, log)
             row = evaluate(pred, test_labels, Path(env["autossl_raw"]) / ds / "dataset.json", proto)
-            row.update(labeled=lab, method=method, seed=seed, steps=m_epochs * args.iterations_per_epoch * per_it,
-                       iterations=m_epochs * args.iterations_per_epoch,
-                       train_s=round(t_train, 1), predict_s=round(t_pred, 1))
+            iterations = m_epochs * args.iterations_per_epoch
+            debug = json.loads((model_dir / "fold_all" / "debug.json").read_text())
+            w = int(debug.get("warmup_steps", 0))
+            n_nets = sum(1 for n in debug["networks"] if n["trainable"])
+            cost = (w * n_nets + (iterations - w) * m.relative_cost(debug["unlabeled_ratio"])) / iterations
+            row.update(labeled=lab, method=method, seed=seed, tag=tag, warmup_iterations=w,
+                       steps=w + (iterations - w) * per_it, iterations=iterations,
+                       train_s=round(t_train, 1), predict_s=round(t_pred, 1), arithmetic_ratio=round(cost, 2))
+            if pool_labels is not None:
+                row["pseudo_label_dice"] = pseudo_label_course(model_dir, method, ds, proto, plans, pool_labels,
+                                                               env, work, log, args, seed, tag)
             done[key] = row
             write_tables(list(done.values()), work, args)
             print(format_row(row), flush=True)
@@ -134,11 +171,55 @@ def main(argv=None) -> None:
     print((work / "results.md").read_text())
 
 
-def optimizer_steps_per_iteration(method: str, ssl_opt: list[str]) -> int:
+def row_key(r: dict) -> tuple:
+    return r["labeled"], r["method"], r["seed"], r.get("tag", "")
+
+
+def method_instance(method: str, ssl_opt: list[str]):
     from autossl.ssl.registry import create_method
 
     options = dict(o.split("=", 1) for o in ssl_opt)
-    return create_method(method, **options).optimizer_steps_per_iteration
+    return create_method(method, **options)
+
+
+def diagnostic_cases(raw_unlabeled: Path, n: int, file_ending: str) -> list[str]:
+    """A fixed, evenly spread subset of the unlabelled pool (the same for every method)."""
+    cases = sorted({p.name[: -len(file_ending) - 5] for p in raw_unlabeled.glob(f"*_0000{file_ending}")})
+    if n >= len(cases):
+        return cases
+    return [cases[int(i)] for i in np.linspace(0, len(cases) - 1, n)]
+
+
+def pseudo_label_course(model_dir: Path, method: str, ds: str, proto: dict, plans: str, pool_labels: Path,
+                        env: dict, work: Path, log: Path, args, seed: int, tag: str) -> dict:
+    """{step: mean Dice} of the model's predictions (its inference networks, no TTA) for the
+    diagnostic subset of the unlabelled pool, at each snapshot and the final checkpoint."""
+    raw = Path(env["autossl_raw"]) / ds
+    dj = json.loads((raw / "dataset.json").read_text())
+    fe = dj["file_ending"]
+    cases = diagnostic_cases(raw / "imagesTrUnlabeled", args.diag_cases, fe)
+    inp = work / "diagnostics" / f"{ds}_inputs"
+    ref = work / "diagnostics" / f"{ds}_labels"
+    if not ref.is_dir():
+        inp.mkdir(parents=True, exist_ok=True)
+        ref.mkdir(parents=True, exist_ok=True)
+        for c in cases:
+            for img in (raw / "imagesTrUnlabeled").glob(f"{c}_*{fe}"):
+                shutil.copy(img, inp / img.name)
+            shutil.copy(pool_labels / f"{c}{fe}", ref / f"{c}{fe}")
+    fold = model_dir / "fold_all"
+    snaps = sorted(fold.glob("checkpoint_step*.pth"), key=lambda p: int(p.stem.replace("checkpoint_step", "")))
+    course = {}
+    for chk in [*snaps, fold / "checkpoint_final.pth"]:
+        step = chk.stem.replace("checkpoint_step", "") if chk in snaps else "final"
+        out = work / "diagnostics" / f"{ds}_{method}{'_' + tag if tag else ''}_s{seed}_{step}"
+        run(["autossl_predict", "-i", str(inp), "-o", str(out), "-m", str(model_dir), "-f", "all", "-chk", chk.name,
+             "--disable_tta", "-device", args.device, "--disable_progress_bar"], env, log)
+        course[step] = evaluate(out, ref, raw / "dataset.json", proto)["mean_dice"]
+        shutil.rmtree(out, ignore_errors=True)
+    for chk in snaps:
+        chk.unlink()
+    return course
 
 
 def evaluate(pred: Path, ref: Path, dataset_json: Path, proto: dict) -> dict:
@@ -162,17 +243,24 @@ def evaluate(pred: Path, ref: Path, dataset_json: Path, proto: dict) -> dict:
     return row
 
 
+def method_label(r: dict) -> str:
+    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "")
+
+
 def format_row(r: dict) -> str:
     dice = " | ".join(f"{v:.1f}" for v in r["dice"].values())
-    return (f"| {r['method']} | {r['labeled']} | {r['seed']} | {dice} | {r['mean_dice']:.1f} | {r['mean_hd95']:.2f} | "
-            f"{r['mean_asd']:.2f} | {r['steps']} | {r.get('iterations', r['steps'])} | {r['train_s']:.0f} | "
-            f"{r.get('predict_s', float('nan')):.0f} | {r.get('step_overhead', float('nan')):.2f} |")
+    pl = r.get("pseudo_label_dice") or {}
+    course = " / ".join(f"{v:.1f}" for v in pl.values()) if pl else "-"
+    return (f"| {method_label(r)} | {r['labeled']} | {r['seed']} | {dice} | {r['mean_dice']:.1f} | {r['mean_hd95']:.2f} | "
+            f"{r['mean_asd']:.2f} | {r.get('iterations', r['steps'])} | {r.get('warmup_iterations', 0)} | {r['steps']} | "
+            f"{r['train_s']:.0f} | {r.get('predict_s', float('nan')):.0f} | {r.get('step_overhead', float('nan')):.2f} | "
+            f"{r.get('arithmetic_ratio', float('nan')):.2f} | {course} |")
 
 
 def gain_summary(rows: list[dict]) -> str:
     """Per method: mean-Dice gain over supervised on the same labelled set and seed, and the share
     of the gap to the upper bound (supervised on every pool case, same seed) it closes."""
-    sup = {(r["labeled"], r["seed"]): r["mean_dice"] for r in rows if r["method"] == "none"}
+    sup = {(r["labeled"], r["seed"]): r["mean_dice"] for r in rows if r["method"] == "none" and not r.get("tag")}
     lines = []
     for r in rows:
         base = sup.get((r["labeled"], r["seed"]))
@@ -182,20 +270,22 @@ def gain_summary(rows: list[dict]) -> str:
         upper = sup.get(("all", r["seed"]))
         closed = (f", {100 * gain / (upper - base):.0f}% of the {upper - base:.1f}-point gap to the upper bound"
                   if upper is not None and upper > base else "")
-        lines.append(f"- {r['method']} ({r['labeled']}, seed {r['seed']}): {gain:+.1f} mean Dice over supervised{closed}")
+        lines.append(f"- {method_label(r)} ({r['labeled']}, seed {r['seed']}): {gain:+.1f} mean Dice over supervised{closed}")
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def write_tables(rows: list[dict], work: Path, args) -> None:
-    sup = {(r["labeled"], r["seed"]): r["train_s"] / max(1, r["steps"]) for r in rows if r["method"] == "none"}
+    sup = {(r["labeled"], r["seed"]): r["train_s"] / max(1, r.get("iterations", r["steps"]))
+           for r in rows if r["method"] == "none" and not r.get("tag")}
     for r in rows:
         base = sup.get((r["labeled"], r["seed"]))
-        r["step_overhead"] = (r["train_s"] / max(1, r["steps"])) / base if base else float("nan")
+        r["step_overhead"] = (r["train_s"] / max(1, r.get("iterations", r["steps"]))) / base if base else float("nan")
     classes = list(rows[0]["dice"]) if rows else []
     head = ("| method | labelled | seed | " + " | ".join(f"Dice {c}" for c in classes) +
-            " | mean Dice | HD95 (mm) | ASD (mm) | optimiser steps | iterations | train wall (s) | "
-            "predict wall (s) | time per optimiser step / supervised |")
-    sep = "|" + " --- |" * (len(classes) + 11)
+            " | mean Dice | HD95 (mm) | ASD (mm) | iterations | of them supervised warm start | optimiser steps | "
+            "train wall (s) | predict wall (s) | time per iteration / supervised | arithmetic ratio | "
+            "pseudo-label Dice over the run |")
+    sep = "|" + " --- |" * (len(classes) + 14)
     md = "\n".join([head, sep] + [format_row(r) for r in rows]) + "\n" + gain_summary(rows)
     from autossl.utilities.file_io import save_json
 

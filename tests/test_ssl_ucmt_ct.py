@@ -173,8 +173,27 @@ def test_uncertainty_and_target_pyramid():
     like = [torch.zeros(1, 1, 4, 4, dtype=torch.int16), torch.zeros(1, 1, 2, 2, dtype=torch.int16)]
     pyr = target_pyramid(full, like)
     assert pyr[0].dtype == torch.int16 and torch.equal(pyr[0].long(), full)
-    assert pyr[1].tolist() == [[[[0, 2], [8, 10]]]]
+    # voxel centres 1, 3 at half resolution, as the loader's nearest-exact downsampling
+    assert pyr[1].tolist() == [[[[5, 7], [13, 15]]]]
     assert target_pyramid(full, full) is full
+
+
+@pytest.mark.parametrize("shape,scales", [((20, 24), [[1, 1], [0.5, 0.5], [0.25, 0.25]]),
+                                          ((10, 16, 12), [[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25]])])
+def test_target_pyramid_equals_the_loaders_deep_supervision_targets(shape, scales):
+    """UMIX's mixed labels must meet the lower-resolution heads exactly as the loader's targets do."""
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 3, (2, 1, *shape), generator=g, dtype=torch.int16)
+    per_sample = [DownsampleSegForDSTransform(scales)(segmentation=s.clone())["segmentation"] for s in seg]
+    loader = [torch.stack([p[i] for p in per_sample]) for i in range(len(scales))]
+    pyr = target_pyramid(seg.long(), loader)
+    for ours, theirs in zip(pyr, loader):
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    # and plain "nearest" would not: the case the old code got wrong
+    half = torch.nn.functional.interpolate(seg.float(), size=loader[1].shape[2:], mode="nearest")
+    assert not torch.equal(half.to(torch.int16), loader[1])
 
 
 # ----------------------------------------------------------------------------- UCMT

@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true",
                    help="no mixed precision: by default CUDA trains with float16 autocast and CPUs with native "
                         "bf16 (AMX, AVX512-BF16) with bfloat16 autocast (env autossl_cpu_amp=0 also turns that off)")
+    p.add_argument("--warmup", type=float, default=None, metavar="W",
+                   help="supervised warm start inside the run: the first W iterations (W >= 1) or share "
+                        "of the run (W < 1) train on the labelled batches alone, then the learning rate "
+                        "restarts and the method uses the unlabelled batches (default: the method's)")
+    p.add_argument("-pretrained_weights", "--pretrained-weights", default=None, metavar="PATH",
+                   help="start every network from another run of the same plans: its checkpoint, or its "
+                        "results folder (e.g. the supervised autosslTrainer__PLANS__CONFIG)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="also keep checkpoint_step<S>.pth every N epochs (to look at a run's course)")
     p.add_argument("--list-methods", action="store_true", help="print the available --ssl methods and exit")
     return p
 
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                           val_iterations=args.val_iterations, budget=args.budget, seed=args.seed,
                           unlabeled_ratio=args.unlabeled_ratio, num_workers=args.num_workers,
                           compile=True if args.compile else None, save_every=args.save_every, npz=args.npz,
-                          amp=False if args.fp32 else None)
+                          amp=False if args.fp32 else None, warmup=args.warmup,
+                          pretrained_weights=args.pretrained_weights, snapshot_every=args.snapshot_every)
         trainer.run(continue_training=args.c, validation_only=args.val)
     except (TrainingError, PathNotConfiguredError, ValueError, FileNotFoundError) as e:
         print(f"autossl_train: {e}", file=sys.stderr)

@@ -206,9 +206,10 @@ class Predictor:
                                       + (f" (this fold has {present}; use -chk)" if present else
                                          f"; train fold {f} first (autossl_train DATASET CONFIGURATION {f} ...)"))
             try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:
-                raise PredictionError(f"{path}: cannot read the checkpoint ({e})") from None
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, foreign, or carrying pickled objects (never executed)
+                raise PredictionError(f"{path}: cannot read the checkpoint as tensors and plain data ({e}); "
+                                      f"autossl never unpickles objects from a model file") from None
             fold_specs = ckpt.get("inference_networks") or [{"name": "network", "arch": "cnn"}]
             if members:
                 fold_specs = _member_specs(ckpt, members, path)

@@ -32,6 +32,41 @@ def build_network(architecture: dict, input_channels: int, num_classes: int,
     return net
 
 
+class _ConvDropout:
+    """Forward hook: element-wise dropout on a convolution's output while its module trains."""
+
+    def __init__(self, p: float):
+        self.p = float(p)
+
+    def __call__(self, module: nn.Module, inputs, output):
+        return nn.functional.dropout(output, self.p, training=module.training)
+
+
+def add_dropout(net: nn.Module, p: float) -> int:
+    """Element-wise dropout after every convolution of the network's conv blocks (where
+    dynamic-network-architectures' ``dropout_op`` would sit: conv -> dropout -> norm ->
+    nonlinearity), as forward hooks, so the state-dict keys stay those of the plain planned
+    network: checkpoints load into it for prediction and warm starts from runs without dropout
+    fit. The plans' U-Nets have none; a method whose perturbation is dropout (a mean teacher's)
+    asks for it through ``NetworkSpec.dropout``. Active in train mode only. Returns the number of
+    convolutions hooked."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    if p == 0:
+        return 0
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+
+    n = 0
+    for m in net.modules():
+        if isinstance(m, ConvDropoutNormReLU):
+            m.conv.register_forward_hook(_ConvDropout(p))
+            n += 1
+    if n == 0:
+        raise ValueError(f"{type(net).__name__} has no convolution blocks to carry dropout: dropout needs a "
+                         f"U-Net of the plans")
+    return n
+
+
 def has_deep_supervision(net: nn.Module) -> bool:
     dec = getattr(net, "decoder", None)
     return bool(getattr(dec, "deep_supervision", False))

@@ -37,6 +37,9 @@ class NetworkSpec:
                unless the method says otherwise.
     copy_of:   initialise with the weights of another spec (an EMA teacher starts as its student).
     seed_offset: a different initialisation for a second network of the same architecture.
+    dropout:   element-wise dropout after every convolution of a cnn (``networks.build.add_dropout``;
+               the planned U-Nets have none): for methods whose perturbation is dropout. Ignored
+               at prediction time (eval mode), where the plain planned network is built.
     """
 
     name: str
@@ -44,6 +47,7 @@ class NetworkSpec:
     trainable: bool = True
     copy_of: str | None = None
     seed_offset: int = 0
+    dropout: float = 0.0
 
 
 class SSLMethod(ABC):
@@ -60,6 +64,12 @@ class SSLMethod(ABC):
     #: restart the learning-rate schedule (warm-up and poly decay) at every round, so that each
     #: round ends annealed (self-training predicts its pseudo-labels with that model)
     restart_lr_each_round: ClassVar[bool] = False
+    #: supervised warm start before the semi-supervised phase when ``autossl_train --warmup`` is
+    #: not given: a share of the run (< 1) or iterations (>= 1); 0 = none. During it every
+    #: trainable network is trained on the labelled batches alone and no unlabelled batch is
+    #: drawn; then copies (``copy_of``: EMA teachers) take their sources' weights, the learning
+    #: rate restarts, and ``ctx.ssl_step`` / ``ctx.ssl_total_steps`` count the phase that follows
+    default_warmup: ClassVar[float] = 0.0
 
     def __init__(self, **options: Any):
         self.options = options
@@ -78,6 +88,13 @@ class SSLMethod(ABC):
         if isinstance(default, bool) and isinstance(v, str):
             return v.lower() in ("1", "true", "yes", "on")
         return type(default)(v) if default is not None else v
+
+    def relative_cost(self, unlabeled_ratio: float) -> float:
+        """Arithmetic cost of one iteration against supervised training's, in patch passes: a
+        forward pass over a patch counts 1, forward and backward 3; supervised training makes
+        3·B for a batch of B labelled patches; ``unlabeled_ratio`` r adds r·B unlabelled patches.
+        Benchmarks print it beside the measured time per iteration."""
+        return 1.0
 
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:

@@ -40,12 +40,25 @@ class TrainingContext:
     #: names of the preprocessed unlabelled cases (what ``predict_unlabeled`` accepts)
     unlabeled_cases: list[str] = field(default_factory=list)
     step: int = 0                           # optimiser steps done so far in the run
+    #: first step of the semi-supervised phase (after the trainer's supervised warm start, 0
+    #: without one): ramps and schedules of the unsupervised terms count from here
+    ssl_start_step: int = 0
     rng: torch.Generator | None = None      # seeded generator for the method's own randomness
     _logged: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def progress(self) -> float:
         return min(1.0, self.step / max(1, self.total_steps))
+
+    @property
+    def ssl_step(self) -> int:
+        """Steps done in the semi-supervised phase."""
+        return max(0, self.step - self.ssl_start_step)
+
+    @property
+    def ssl_total_steps(self) -> int:
+        """Length of the semi-supervised phase in steps."""
+        return max(1, self.total_steps - self.ssl_start_step)
 
     def log(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor):

@@ -87,4 +87,5 @@ def apply_budget(trainer, step_time: float) -> None:
     trainer.ctx.total_steps = trainer.total_steps
     for s in trainer.schedulers.values():
         s.set_total_steps(trainer.total_steps)
+    trainer._sync_phases()
     trainer.logger.print(plan.describe())

@@ -36,19 +36,33 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise RuntimeError(f"{path}: cannot read the checkpoint ({e})") from e
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, foreign, or carrying pickled objects (never executed)
+        raise RuntimeError(f"{path}: cannot read the checkpoint as tensors and plain data ({e}); "
+                           f"autossl never unpickles objects from a model file") from e
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise KeyError(f"{path}: not an autossl training checkpoint (missing {missing})")
     return ckpt
 
 
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key as a tensor: checkpoints hold only tensors and plain
+    types, so that they load with ``torch.load(weights_only=True)``."""
+    name, key, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state) -> tuple:
+    name, key, pos, has_gauss, cached = state
+    key = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    return (name, key.astype(np.uint32), int(pos), int(has_gauss), float(cached))
+
+
 def capture_rng_states(extra_generators: dict[str, torch.Generator] | None = None, loader_seeds=None) -> dict:
     states = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generators": {k: g.get_state() for k, g in (extra_generators or {}).items() if g is not None},
@@ -59,7 +73,7 @@ def capture_rng_states(extra_generators: dict[str, torch.Generator] | None = Non
 
 def restore_rng_states(states: dict, extra_generators: dict[str, torch.Generator] | None = None) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(_numpy_state_from_plain(states["numpy"]))
     torch.set_rng_state(states["torch"].cpu() if hasattr(states["torch"], "cpu") else states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         cuda_states = states["cuda"]

@@ -51,11 +51,16 @@ class PolyWarmupSchedule:
     lr0 · (1 - (step - warmup) / (total - warmup))^exponent. ``step(s)`` sets the lr for step s.
 
     ``cycles`` > 1 restarts the schedule at ``round_boundaries(total, cycles)``: each round of an
-    offline method (self-training) is then a whole training with its own warm-up and decay."""
+    offline method (self-training) is then a whole training with its own warm-up and decay.
+    ``restarts`` adds restarts at given steps: the end of the trainer's supervised warm start, so
+    that the warm start ends annealed and the semi-supervised phase has a schedule of its own, as
+    when it starts from another run's weights."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, total_steps: int,
-                 warmup_fraction: float = 0.0, exponent: float = 0.9, cycles: int = 1):
+                 warmup_fraction: float = 0.0, exponent: float = 0.9, cycles: int = 1,
+                 restarts: list[int] | tuple[int, ...] = ()):
         self.optimizer = optimizer
+        self.restarts = sorted({int(r) for r in restarts})
         self.initial_lr = float(initial_lr)
         self.warmup_fraction = float(warmup_fraction)
         self.exponent = float(exponent)
@@ -68,8 +73,13 @@ class PolyWarmupSchedule:
         self.total_steps = max(1, int(total_steps))
         self.step(self.last_step)
 
+    def set_restarts(self, restarts) -> None:
+        self.restarts = sorted({int(r) for r in restarts})
+        self.step(self.last_step)
+
     def _cycle(self, step: int) -> tuple[int, int]:
-        bounds = [0, *round_boundaries(self.total_steps, self.cycles), self.total_steps]
+        inner = {*round_boundaries(self.total_steps, self.cycles), *self.restarts}
+        bounds = [0, *sorted(b for b in inner if 0 < b < self.total_steps), self.total_steps]
         for start, end in zip(bounds[:-1], bounds[1:]):
             if step < end:
                 return start, end
@@ -97,7 +107,8 @@ class PolyWarmupSchedule:
 
     def state_dict(self) -> dict:
         return {"initial_lr": self.initial_lr, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction,
-                "exponent": self.exponent, "last_step": self.last_step, "cycles": self.cycles}
+                "exponent": self.exponent, "last_step": self.last_step, "cycles": self.cycles,
+                "restarts": list(self.restarts)}
 
     def load_state_dict(self, state: dict) -> None:
         self.initial_lr = float(state["initial_lr"])
@@ -105,6 +116,7 @@ class PolyWarmupSchedule:
         self.warmup_fraction = float(state["warmup_fraction"])
         self.exponent = float(state["exponent"])
         self.cycles = int(state.get("cycles", 1))
+        self.restarts = sorted(int(r) for r in state.get("restarts", ()))
         self.step(int(state["last_step"]))
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from autossl import paths
-from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision
+from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision, add_dropout
 from autossl.preprocessing import storage
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
@@ -139,6 +139,15 @@ class Trainer:
                     bf16 unless env ``autossl_cpu_amp=0``), False = float32 (``autossl.training.speed``)
     save_every:     write checkpoint_latest every N epochs
     npz:            final validation also saves probabilities (.npz)
+    warmup:         supervised warm start inside the run: the first iterations train every trainable
+                    network on the labelled batches alone (no unlabelled batch is drawn), the
+                    learning-rate schedule restarts at its end and the method's copies (EMA
+                    teachers) start from their trained sources. A value < 1 is a share of the
+                    run, >= 1 a number of iterations; None = the method's ``default_warmup``.
+    pretrained_weights: a checkpoint (or a results folder holding one) whose network weights
+                    initialise every network of the same architecture (nnU-Net's
+                    ``-pretrained_weights``); a warm start from another run
+    snapshot_every: also keep ``checkpoint_step<N>.pth`` every N epochs (diagnostics over a run)
     """
 
     def __init__(self, dataset: str | int, configuration: str, fold: int | str, *, plans: str = DEFAULT_PLANS,
@@ -146,7 +155,9 @@ class Trainer:
                  device: str | torch.device | None = None, epochs: int | None = None, iterations_per_epoch: int = 250,
                  val_iterations: int = 50, budget: str | float | None = None, seed: int = 12345,
                  unlabeled_ratio: float | None = None, num_workers: int | None = None, compile: bool | None = None,
-                 save_every: int = 1, npz: bool = False, verbose: bool = True, amp: bool | None = None):
+                 save_every: int = 1, npz: bool = False, verbose: bool = True, amp: bool | None = None,
+                 warmup: float | None = None, pretrained_weights: str | os.PathLike | None = None,
+                 snapshot_every: int = 0):
         if network not in ("cnn", "transformer"):
             raise TrainingError(f"--network must be cnn or transformer, got {network!r}")
         if str(fold) != "all":
@@ -224,6 +235,12 @@ class Trainer:
             raise TrainingError(f"--unlabeled-ratio must be >= 0, got {ratio}")
         self.unlabeled_ratio = float(ratio)
         self.trainer_name = trainer_name(self.ssl, network)
+        self.warmup = float(self.method.default_warmup if warmup is None else warmup)
+        if math.isnan(self.warmup) or self.warmup < 0:
+            raise TrainingError(f"--warmup must be >= 0 (a share of the run below 1, iterations from 1), got {warmup}")
+        self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
+        self.snapshot_every = int(snapshot_every)
+        self._warmup_done = False
 
         # ---------------------------------------------------------------- labels, patches, batches
         self.label_manager = LabelManager.from_dataset_json(self.dataset_json)
@@ -274,6 +291,57 @@ class Trainer:
         self.tr_keys: list[str] = []
         self.val_keys: list[str] = []
         self.unlabeled_keys: list[str] = []
+
+    # ================================================================== phases
+    @property
+    def warmup_steps(self) -> int:
+        """Iterations of the supervised warm start (0: none)."""
+        if self.warmup <= 0:
+            return 0
+        n = int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.total_steps))
+        return min(n, self.total_steps)
+
+    def _sync_phases(self) -> None:
+        """Tell the schedules and the method context where the semi-supervised phase starts
+        (after the run's length is known or changed)."""
+        w = self.warmup_steps
+        for s in self.schedulers.values():
+            s.set_restarts([w] if 0 < w < self.total_steps else [])
+        if self.ctx is not None:
+            self.ctx.ssl_start_step = w
+            self.ctx.total_steps = self.total_steps
+
+    def _in_warmup(self) -> bool:
+        return self.current_step < self.warmup_steps
+
+    def _end_warmup(self) -> None:
+        """Copies (EMA teachers) take their sources' warm weights; unlabelled batches start."""
+        for spec in self.specs:
+            if spec.copy_of is not None:
+                unwrap(self.networks[spec.name]).load_state_dict(unwrap(self.networks[spec.copy_of]).state_dict())
+        self._warmup_done = True
+        self._start_unlabeled_stream()
+        self.logger.print(f"supervised warm start done at step {self.current_step}: "
+                          f"{self.ssl} trains on unlabelled batches from here")
+
+    def _warmup_step(self, labeled: dict):
+        """One supervised step for every trainable network (the warm start's loss)."""
+        loss = None
+        for spec in self.specs:
+            if not spec.trainable:
+                continue
+            with self._autocast():
+                out = self.wrapped[spec.name](labeled["data"])
+                term = self.ctx.supervised_loss(out, labeled["target"])
+            self.ctx.log(f"warmup_loss_{spec.name}", term)
+            loss = term if loss is None else loss + term
+        yield loss
+
+    def load_pretrained_weights(self, source: str | os.PathLike) -> dict[str, str]:
+        """See ``autossl.training.warm_start.load_pretrained_weights``."""
+        from autossl.training.warm_start import load_pretrained_weights
+
+        return load_pretrained_weights(self, source)
 
     # ================================================================== setup
     def _check_specs(self, specs: list[NetworkSpec]) -> list[NetworkSpec]:
@@ -330,6 +398,11 @@ class Trainer:
                 torch.manual_seed(self.seed + spec.seed_offset)
                 net = build_network(self._architecture(spec.arch), self.num_input_channels, self.num_heads,
                                     deep_supervision=spec.arch == "cnn")
+                if spec.dropout > 0:
+                    if spec.arch != "cnn":
+                        raise TrainingError(f"--ssl {self.ssl}: network {spec.name!r} asks for dropout, which "
+                                            f"only the planned cnn takes")
+                    add_dropout(net, spec.dropout)
                 if spec.copy_of is not None:
                     net.load_state_dict(built[spec.copy_of].state_dict())
                 if self.device.type == "cpu":  # same normalisation, faster CPU kernel
@@ -374,6 +447,7 @@ class Trainer:
             predict_unlabeled=self.predict_unlabeled, set_pseudo_labels=self.set_pseudo_labels,
             unlabeled_cases=[], step=0, rng=self._rng)
         self._initialized = True
+        self._sync_phases()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -428,13 +502,20 @@ class Trainer:
             self._loaders["val"] = val
             self._streams["val"] = BatchStream(val, nw, self._stream_seeds("val", nw), pin)
         if self.unlabeled_batch_size > 0:
-            unl = UnlabeledDataLoader(
+            self._loaders["unlabeled"] = UnlabeledDataLoader(
                 PreprocessedCases(self.unlabeled_data_folder, self.unlabeled_keys, labeled=False),
                 self.unlabeled_batch_size, self.geometry.initial_patch_size, self.patch_size,
                 weak_transforms(self.patch_size, self.geometry, dim_ds))
-            self._loaders["unlabeled"] = unl
-            self._streams["unlabeled"] = BatchStream(unl, self.num_workers,
-                                                     self._stream_seeds("unlabeled", self.num_workers), pin)
+            if not self._in_warmup():  # during the warm start no unlabelled batch is drawn
+                self._start_unlabeled_stream()
+
+    def _start_unlabeled_stream(self) -> None:
+        loader = self._loaders.get("unlabeled")
+        if loader is None or "unlabeled" in self._streams:
+            return
+        self._streams["unlabeled"] = BatchStream(loader, self.num_workers,
+                                                 self._stream_seeds("unlabeled", self.num_workers),
+                                                 self.device.type == "cuda")
 
     def _stop_loaders(self) -> None:
         for s in self._streams.values():
@@ -476,7 +557,7 @@ class Trainer:
             "networks": {n: unwrap(m).state_dict() for n, m in self.networks.items()},
             "inference_networks": [{"name": n, "arch": arch[n]} for n in inf],
             "network_specs": [{"name": s.name, "arch": s.arch, "trainable": s.trainable, "copy_of": s.copy_of,
-                               "seed_offset": s.seed_offset} for s in self.specs],
+                               "seed_offset": s.seed_offset, "dropout": s.dropout} for s in self.specs],
             "optimizer_states": {n: o.state_dict() for n, o in self.optimizers.items()},
             "scheduler_states": {n: s.state_dict() for n, s in self.schedulers.items()},
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
@@ -487,6 +568,8 @@ class Trainer:
             "_best_ema": self._best_ema,
             "current_step": self.current_step,
             "total_steps": self.total_steps,
+            "warmup": self.warmup,
+            "warmup_done": self._warmup_done,
             "num_epochs": self.num_epochs,
             "iterations_per_epoch": self.iterations_per_epoch,
             "budget_plan": None if self._budget_plan is None else self._budget_plan.__dict__,
@@ -540,6 +623,9 @@ class Trainer:
         self._budget_decided = True  # a resumed run keeps the length it planned
         self.ctx.step = self.current_step
         self.ctx.total_steps = self.total_steps
+        self.warmup = float(ckpt.get("warmup", self.warmup))  # a resumed run keeps its phases
+        self._warmup_done = bool(ckpt.get("warmup_done", self.warmup_steps == 0))
+        self._sync_phases()
         if not self.dist.is_ddp:  # under DDP every rank reseeds from (seed, rank, step) instead
             try:
                 restore_rng_states(ckpt["rng_states"], {"ctx": self._rng, "strong": self._strong.generator})
@@ -574,6 +660,8 @@ class Trainer:
                 self.logger.print(f"continuing from {latest} at step {self.current_step}/{self.total_steps}")
             elif continue_training:
                 self.logger.print(f"--c: no checkpoint in {self.output_folder}; starting a new training")
+            if self.current_step == 0 and self.pretrained_weights is not None:
+                self.load_pretrained_weights(self.pretrained_weights)
             if self.current_step == 0 or self.dist.is_ddp:
                 self._seed_everything()
             self._do_split()
@@ -625,12 +713,14 @@ class Trainer:
             "mirror_axes": self.geometry.mirror_axes, "deep_supervision_scales": self.deep_supervision_scales,
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "total_steps": self.total_steps, "val_iterations": self.val_iterations, "rounds": self.rounds,
+            "warmup_steps": self.warmup_steps,
+            "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None,
             "budget_s": self.budget_s, "seed": self.seed, "num_workers": self.num_workers, "compile": self.compile,
             "amp": self.amp_dtype is not None,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
             "grad_scaler": self.grad_scaler is not None, "save_every": self.save_every,
             "networks": [{"name": s.name, "arch": s.arch, "trainable": s.trainable, "copy_of": s.copy_of,
-                          "seed_offset": s.seed_offset,
+                          "seed_offset": s.seed_offset, "dropout": s.dropout,
                           "class": type(self.networks[s.name]).__name__,
                           "parameters": sum(p.numel() for p in self.networks[s.name].parameters())}
                          for s in self.specs],
@@ -659,9 +749,12 @@ class Trainer:
             it = self.current_step - epoch * self.iterations_per_epoch
             while it < self.iterations_per_epoch and self.current_step < self.total_steps:
                 t_it = time.time()
+                warm = self._in_warmup()
+                if not warm and self.warmup_steps > 0 and not self._warmup_done:
+                    self._end_warmup()
                 lab = next(self._streams["train"])
-                unl = next(self._streams["unlabeled"]) if "unlabeled" in self._streams else None
-                losses.append(self._train_iteration(lab, unl))
+                unl = next(self._streams["unlabeled"]) if "unlabeled" in self._streams and not warm else None
+                losses.append(self._train_iteration(lab, unl, warm))
                 it += 1
                 steps_this_session += 1
                 if self.current_step in self._round_boundaries():
@@ -675,10 +768,10 @@ class Trainer:
             val_loss, dice = self._validate_epoch()
             self._end_epoch(epoch, epoch_start, losses, val_loss, dice, lrs, epoch_times)
 
-    def _train_iteration(self, lab: dict, unl: dict | None) -> float:
+    def _train_iteration(self, lab: dict, unl: dict | None, warmup: bool = False) -> float:
         lab = _to_device(lab, self.device)
         unl = _to_device(unl, self.device)
-        gen = self.method.training_step(lab, unl, self.ctx)
+        gen = self._warmup_step(lab) if warmup else self.method.training_step(lab, unl, self.ctx)
         total = 0.0
         n = 0
         while True:
@@ -705,7 +798,8 @@ class Trainer:
                     self.optimizers[name].step()
             if self.grad_scaler is not None and active:
                 self.grad_scaler.update()
-            self.method.after_optimizer_step(self.ctx)
+            if not warmup:
+                self.method.after_optimizer_step(self.ctx)
             total += float(loss.detach().float().item())
             n += 1
         if n == 0:
@@ -797,6 +891,8 @@ class Trainer:
         done = self.current_step >= self.total_steps
         if not done and (epoch + 1) % self.save_every == 0:
             self.save_checkpoint(self.output_folder / "checkpoint_latest.pth")
+        if self.snapshot_every > 0 and (epoch + 1) % self.snapshot_every == 0 and not done:
+            self.save_checkpoint(self.output_folder / f"checkpoint_step{self.current_step}.pth")
         # progress.png every epoch, unless drawing it would take more than ~1/6 of the time
         if self.dist.is_main and (done or time.time() - self._last_plot[0] >= 5 * self._last_plot[1]):
             t_plot = time.time()

@@ -44,9 +44,10 @@ def split_output(output: Any, n: int) -> tuple[Any, Any]:
 
 
 def ramp_weight(lambda_max: float, rampup_fraction: float, ctx: TrainingContext) -> float:
-    """λ(t) = λ_max · sigmoid_rampup(t, T), T = ``rampup_fraction`` of the run (0: no ramp)."""
-    steps = int(round(rampup_fraction * ctx.total_steps))
-    return lambda_max * sigmoid_rampup(ctx.step, steps)
+    """λ(t) = λ_max · sigmoid_rampup(t, T), t counted from the start of the semi-supervised phase
+    (after the supervised warm start), T = ``rampup_fraction`` of that phase (0: no ramp)."""
+    steps = int(round(rampup_fraction * ctx.ssl_total_steps))
+    return lambda_max * sigmoid_rampup(ctx.ssl_step, steps)
 
 
 def has_unlabeled(unlabeled: dict | None) -> bool:

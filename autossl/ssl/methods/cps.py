@@ -70,6 +70,11 @@ class CPS(SSLMethod):
     def inference_networks(self) -> list[str]:
         return ["cnn1", "cnn2"] if self.inference == "both" else [self.inference]
 
+    def relative_cost(self, r: float) -> float:
+        """Two networks, forward + backward over B + rB; CutMix adds both networks' forward over
+        the rB unmixed sources (their pseudo-labels)."""
+        return (2 * 3 * (1 + r) + (2 * r if self.cutmix else 0)) / 3
+
     def mixed_batch(self, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext):
         """CutMix the unlabelled images; returns (mixed images, pseudo-labels of net1, of net2).
 

@@ -89,6 +89,10 @@ class CrossTeaching(SSLMethod):
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("cnn", arch="cnn"), NetworkSpec("transformer", arch="transformer")]
 
+    def relative_cost(self, r: float) -> float:
+        """CNN and transformer, forward + backward over B + rB each (an equal-cost transformer)."""
+        return 2 * 3 * (1 + r) / 3
+
     def inference_networks(self) -> list[str]:
         return {"cnn": ["cnn"], "transformer": ["transformer"], "both": ["cnn", "transformer"]}[self.predict]
 

@@ -11,7 +11,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import main_output
-from autossl.ssl.ramps import sigmoid_rampup
+from autossl.ssl.methods._shared import ramp_weight
 from autossl.ssl.registry import register
 
 
@@ -20,6 +20,10 @@ class EntropyMinimisation(SSLMethod):
     """Options: lambda (0.1), rampup (1.0, fraction of the run)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight")
+
+    def relative_cost(self, r: float) -> float:
+        """Forward + backward over B + rB."""
+        return 1 + r
 
     def network_specs(self):
         return [NetworkSpec("student")]
@@ -36,7 +40,7 @@ class EntropyMinimisation(SSLMethod):
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
         p = torch.softmax(main_output(out)[n_l:].float(), 1)
         entropy = -(p * torch.log(p + 1e-6)).sum(1).mean() / math.log(p.shape[1])
-        weight = self.option("lambda", 0.1) * sigmoid_rampup(ctx.step, int(self.option("rampup", 1.0) * ctx.total_steps))
+        weight = ramp_weight(self.option("lambda", 0.1), self.option("rampup", 1.0), ctx)
         ctx.log("loss_sup", loss_sup)
         ctx.log("loss_unsup", entropy)
         ctx.log("ramp_weight", weight)

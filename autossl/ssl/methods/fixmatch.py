@@ -56,6 +56,10 @@ class FixMatch(SSLMethod):
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("student")]
 
+    def relative_cost(self, r: float) -> float:
+        """Weak-view forward over rB, forward + backward over B + rB."""
+        return (r + 3 * (1 + r)) / 3
+
     def strong_view(self, weak: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
         strong = ctx.strong_augment(weak)
         if strong.shape != weak.shape:

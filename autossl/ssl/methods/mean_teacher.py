@@ -4,6 +4,14 @@ A student is trained with L_s on labelled patches plus λ(t)·MSE(softmax studen
 teacher) on unlabelled patches, each network seeing its own input noise
 n = clamp(N(0, 0.1²), -0.2, 0.2); the teacher is an EMA of the student,
 α = min(1 - 1/(t+1), 0.99). The teacher predicts at test time (``inference=student`` to change).
+
+Perturbation: SSL4MIS's U-Net carries dropout and its teacher runs in train mode, so student
+and teacher differ by dropout as well as by the input noise. The planned U-Nets have no
+dropout, and with input noise alone (clipped at ±0.2 on normalised intensities) the two
+predictions barely differ and the consistency term is close to zero. Both networks are
+therefore built with element-wise dropout after every convolution (``dropout``, 0.1;
+``NetworkSpec.dropout``) and the teacher's forward passes run with dropout active
+(``teacher_dropout``, true). Prediction uses the plain planned network in eval mode.
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
 @register("mean_teacher")
 class MeanTeacher(SSLMethod):
     """Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0, fraction of the run),
-    ema_decay (0.99), noise_std (0.1), noise_clip (0.2), inference (teacher|student)."""
+    ema_decay (0.99), noise_std (0.1), noise_clip (0.2), dropout (0.1), teacher_dropout (true),
+    inference (teacher|student)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight")
     default_unlabeled_ratio = 1.0
@@ -39,10 +48,19 @@ class MeanTeacher(SSLMethod):
         self.max_decay = self.option("ema_decay", 0.99)
         self.noise_std = self.option("noise_std", 0.1)
         self.noise_clip = self.option("noise_clip", 0.2)
+        self.dropout = self.option("dropout", 0.1)
+        self.teacher_dropout = self.option("teacher_dropout", True)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--ssl {self.name}: dropout must be in [0, 1), got {self.dropout}")
         self.inference = check_choice(self.name, "inference", self.option("inference", "teacher"), ("teacher", "student"))
 
     def network_specs(self) -> list[NetworkSpec]:
-        return [NetworkSpec("student"), NetworkSpec("teacher", trainable=False, copy_of="student")]
+        return [NetworkSpec("student", dropout=self.dropout),
+                NetworkSpec("teacher", trainable=False, copy_of="student", dropout=self.dropout)]
+
+    def setup(self, ctx: TrainingContext) -> None:
+        # train mode = dropout active in the teacher's passes (its norms keep no running statistics)
+        ctx.networks["teacher"].train(self.teacher_dropout)
 
     def inference_networks(self) -> list[str]:
         return [self.inference]
@@ -73,5 +91,9 @@ class MeanTeacher(SSLMethod):
         ctx.log("ramp_weight", weight)
         yield loss_sup + weight * loss_unsup
 
+    def relative_cost(self, r: float) -> float:
+        """Student forward + backward over B + rB patches, teacher forward over rB."""
+        return (3 * (1 + r) + r) / 3
+
     def after_optimizer_step(self, ctx: TrainingContext) -> None:
-        ema_update(ctx.networks["teacher"], [ctx.networks["student"]], warmup_decay(ctx.step, self.max_decay))
+        ema_update(ctx.networks["teacher"], [ctx.networks["student"]], warmup_decay(ctx.ssl_step, self.max_decay))

@@ -106,6 +106,12 @@ class SelfTraining(SSLMethod):
         self._pseudo_labels: dict[str, tuple] = {}
         self._handed_over = False
 
+    def relative_cost(self, r: float) -> float:
+        """Round 0 is supervised (1); later rounds make a forward + backward over B + rB. The
+        prediction of the unlabelled pool between rounds is not counted here."""
+        later = (self.rounds - 1) / max(1, self.rounds)
+        return (1 - later) + later * (1 + r)
+
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("student")]
 

@@ -47,6 +47,10 @@ class UAMT(MeanTeacher):
         if self.passes < 1:
             raise ValueError(f"--ssl ua_mt: passes must be >= 1, got {self.passes}")
 
+    def relative_cost(self, r: float) -> float:
+        """Student forward + backward over B + rB, teacher forward over rB, 1 + ``passes`` times."""
+        return (3 * (1 + r) + (1 + self.passes) * r) / 3
+
     def consistency(self, student_logits: torch.Tensor, x_u: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
         teacher = ctx.networks["teacher"]
         with torch.no_grad(), ctx.autocast():
@@ -56,7 +60,7 @@ class UAMT(MeanTeacher):
                 mean_probs += torch.softmax(main_output(teacher(self.noisy(x_u, ctx))).float(), 1)
             mean_probs /= self.passes
         u = entropy(mean_probs)
-        threshold = uncertainty_threshold(ctx.step, int(round(self.threshold_rampup * ctx.total_steps)),
+        threshold = uncertainty_threshold(ctx.ssl_step, int(round(self.threshold_rampup * ctx.ssl_total_steps)),
                                           student_logits.shape[1])
         mask = (u < threshold).float()
         ctx.log("pl_share", mask.mean())
