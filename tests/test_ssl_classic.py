@@ -205,7 +205,8 @@ def test_cps_step_on_labelled_and_unlabelled_images():
     net1, net2 = conv1x1([1.0, -1.0], [0.0, 0.3]), conv1x1([-2.0, 1.0], [0.5, 0.0])
     xl = torch.tensor([0.4, -0.4, 2.0, -3.0]).view(1, 1, 1, 2, 2)
     xu = torch.tensor([1.0, -1.0, 0.1, 0.0]).view(1, 1, 1, 2, 2)
-    assert (create_method("cps").lambda_max, create_method("cps").rampup) == (0.1, 1.0)  # SSL4MIS's recipe
+    # SSL4MIS's recipe from scratch (a ramp over the run), a short ramp after a warm start
+    assert (create_method("cps").lambda_max, create_method("cps").rampup) == (0.1, (1.0, 0.1))
     cps = create_method("cps", **{"lambda": "1.5", "rampup": "0"})  # the paper's constant λ
     ctx = make_ctx({"cnn1": net1, "cnn2": net2}, supervised_loss=lambda o, t: torch.tensor(0.25))
     (loss,) = run_step(cps, labeled_batch(xl), {"data": xu, "keys": ["u"]}, ctx)
@@ -281,7 +282,7 @@ def test_fixmatch_threshold_mask_and_strong_view_loss():
     net = conv1x1([3.0, -3.0], [0.0, 0.0])
     xu = torch.tensor([1.0, 0.1, -0.8, 0.02]).view(1, 1, 1, 2, 2)
     shift = 0.5
-    assert create_method("fixmatch").rampup == 1.0  # ramped by default; rampup=0 is the paper's constant λ_u
+    assert create_method("fixmatch").rampup == (1.0, 0.1)  # ramped by default (short after a warm start); rampup=0 is the paper's constant λ_u
     fm = create_method("fixmatch", cutout="false", threshold=0.95, rampup="0")
     ctx = make_ctx({"student": net}, strong_augment=lambda x: x - shift)
     (loss,) = run_step(fm, labeled_batch(xu), {"data": xu, "keys": ["u"]}, ctx)

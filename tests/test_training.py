@@ -336,7 +336,7 @@ def test_train_3d_supervised_checkpoints_logs_and_validation(ds3d):
 
 
 def test_train_2d_mean_teacher_uses_unlabeled_batches(ds2d):
-    t = _trainer(ds2d, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3)
+    t = _trainer(ds2d, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3, warmup=0)
     assert t.unlabeled_batch_size == 2  # default ratio 1:1
     t.run()
     out = t.output_folder

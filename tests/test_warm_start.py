@@ -72,6 +72,22 @@ def test_ramps_count_from_the_semi_supervised_phase():
     assert ctx.ssl_step == 20 and ctx.ssl_total_steps == 40
 
 
+def test_automatic_rampup_is_short_after_a_warm_start_only():
+    from autossl.ssl.context import TrainingContext
+    from autossl.ssl.methods._shared import ramp_weight
+
+    m = create_method("fixmatch")
+    assert m.rampup == (1.0, 0.1)
+    ctx = TrainingContext(networks={}, total_steps=100, num_classes=2, device=torch.device("cpu"),
+                          supervised_loss=None, strong_augment=None, step=20)
+    cold = ramp_weight(1.0, m.rampup, ctx)
+    ctx.warm_started = True
+    assert cold < 0.2 and ramp_weight(1.0, m.rampup, ctx) == pytest.approx(1.0)
+    assert create_method("fixmatch", rampup="0.5").rampup == 0.5
+    with pytest.raises(ValueError, match="rampup"):
+        create_method("cps", rampup="-1")
+
+
 def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
     t = _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3, warmup=0.5)
     seen = _record(t)
@@ -84,6 +100,7 @@ def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
     assert seen[0]["lr"] == pytest.approx(0.01) and seen[1]["lr"] < 0.01
     # the EMA teacher starts as the warm student, not as the untrained initialisation
     assert seen[0]["teacher_is_student"]
+    assert t.ctx.warm_started
     debug = (t.output_folder / "debug.json").read_text()
     assert '"warmup_steps": 3' in debug
 
@@ -226,8 +243,9 @@ def test_mean_teacher_networks_carry_dropout_and_the_teacher_uses_it(ds):
     t.initialize()
     t.method.setup(t.ctx)
     teacher = t.networks["teacher"]
-    hooks = [h for m in teacher.modules() for h in m._forward_hooks.values()]
-    assert hooks and all(h.p == pytest.approx(0.1) for h in hooks)
+    hooks = [h for m in teacher.encoder.stages.modules() for h in m._forward_hooks.values()]
+    assert [round(h.p, 3) for h in hooks] == [0.05, 0.2, 0.5]  # SSL4MIS's 0.05 ... 0.5 over three stages
+    assert not [h for m in teacher.decoder.stages.modules() for h in m._forward_hooks.values()]
     assert teacher.training  # dropout active in the teacher's passes, as SSL4MIS's teacher
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
@@ -256,6 +274,14 @@ def test_dropout_checkpoint_predicts_with_the_plain_planned_network(ds):
     t2 = _trainer(ds, fold="all", ssl="mean_teacher")
     t2.initialize()
     t2.load_pretrained_weights(t.output_folder / "checkpoint_final.pth")
+
+
+def test_encoder_dropout_rates_follow_ssl4mis():
+    from autossl.networks.build import encoder_dropout_rates
+
+    assert encoder_dropout_rates(5, 0.5) == pytest.approx([0.05, 0.1, 0.2, 0.3, 0.5])
+    assert encoder_dropout_rates(6, 0.5)[-1] == pytest.approx(0.5)
+    assert encoder_dropout_rates(5, 0.25) == pytest.approx([0.025, 0.05, 0.1, 0.15, 0.25])
 
 
 def test_relative_costs():

@@ -42,29 +42,46 @@ class _ConvDropout:
         return nn.functional.dropout(output, self.p, training=module.training)
 
 
-def add_dropout(net: nn.Module, p: float) -> int:
-    """Element-wise dropout after every convolution of the network's conv blocks (where
-    dynamic-network-architectures' ``dropout_op`` would sit: conv -> dropout -> norm ->
-    nonlinearity), as forward hooks, so the state-dict keys stay those of the plain planned
-    network: checkpoints load into it for prediction and warm starts from runs without dropout
-    fit. The plans' U-Nets have none; a method whose perturbation is dropout (a mean teacher's)
-    asks for it through ``NetworkSpec.dropout``. Active in train mode only. Returns the number of
-    convolutions hooked."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
-    if p == 0:
-        return 0
+#: SSL4MIS's U-Net: dropout after the first convolution of each encoder block, growing with depth
+SSL4MIS_ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def encoder_dropout_rates(n_stages: int, p_max: float) -> list[float]:
+    """Per encoder stage: SSL4MIS's rates (0.05 ... 0.5 over its five stages) spread over
+    ``n_stages`` and scaled so that the deepest stage gets ``p_max``."""
+    import numpy as np
+
+    ref = np.asarray(SSL4MIS_ENCODER_DROPOUT)
+    x = np.linspace(0, 1, len(ref))
+    pos = np.linspace(0, 1, n_stages) if n_stages > 1 else np.ones(1)
+    return [float(v) for v in np.interp(pos, x, ref) * (p_max / ref[-1])]
+
+
+def add_dropout(net: nn.Module, p_max: float) -> list[float]:
+    """Element-wise dropout in the encoder as SSL4MIS's U-Net has it: after the first convolution
+    of each encoder stage, rates growing with depth to ``p_max`` at the bottleneck
+    (``encoder_dropout_rates``). Added as forward hooks, so the state-dict keys stay those of the
+    plain planned network: checkpoints load into it for prediction and warm starts from runs
+    without dropout fit. The plans' U-Nets have none; a method whose perturbation is dropout (a
+    mean teacher's) asks for it through ``NetworkSpec.dropout``. Active in train mode only.
+    Returns the rate per stage."""
+    if not 0 <= p_max < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p_max}")
+    if p_max == 0:
+        return []
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 
-    n = 0
-    for m in net.modules():
-        if isinstance(m, ConvDropoutNormReLU):
-            m.conv.register_forward_hook(_ConvDropout(p))
-            n += 1
-    if n == 0:
-        raise ValueError(f"{type(net).__name__} has no convolution blocks to carry dropout: dropout needs a "
-                         f"U-Net of the plans")
-    return n
+    stages = getattr(getattr(net, "encoder", None), "stages", None)
+    if stages is None:
+        raise ValueError(f"{type(net).__name__} has no encoder stages to carry dropout: dropout needs a U-Net "
+                         f"of the plans")
+    rates = encoder_dropout_rates(len(stages), p_max)
+    for stage, rate in zip(stages, rates):
+        first = next((m for m in stage.modules() if isinstance(m, ConvDropoutNormReLU)), None)
+        if first is None:
+            raise ValueError(f"{type(net).__name__}: an encoder stage has no convolution block for dropout")
+        first.conv.register_forward_hook(_ConvDropout(rate))
+    return rates
 
 
 def has_deep_supervision(net: nn.Module) -> bool:

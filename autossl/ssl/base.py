@@ -37,9 +37,9 @@ class NetworkSpec:
                unless the method says otherwise.
     copy_of:   initialise with the weights of another spec (an EMA teacher starts as its student).
     seed_offset: a different initialisation for a second network of the same architecture.
-    dropout:   element-wise dropout after every convolution of a cnn (``networks.build.add_dropout``;
-               the planned U-Nets have none): for methods whose perturbation is dropout. Ignored
-               at prediction time (eval mode), where the plain planned network is built.
+    dropout:   SSL4MIS's encoder dropout for a cnn, this rate at the bottleneck
+               (``networks.build.add_dropout``; the planned U-Nets have none): for methods whose
+               perturbation is dropout. Inactive in eval mode; prediction builds the plain network.
     """
 
     name: str
@@ -68,8 +68,10 @@ class SSLMethod(ABC):
     #: not given: a share of the run (< 1) or iterations (>= 1); 0 = none. During it every
     #: trainable network is trained on the labelled batches alone and no unlabelled batch is
     #: drawn; then copies (``copy_of``: EMA teachers) take their sources' weights, the learning
-    #: rate restarts, and ``ctx.ssl_step`` / ``ctx.ssl_total_steps`` count the phase that follows
-    default_warmup: ClassVar[float] = 0.0
+    #: rate restarts, and ``ctx.ssl_step`` / ``ctx.ssl_total_steps`` count the phase that follows.
+    #: Half the run by default: from random weights the unsupervised terms teach noise (measured
+    #: on A2D-3 and H3D, documentation/benchmarks.md)
+    default_warmup: ClassVar[float] = 0.5
 
     def __init__(self, **options: Any):
         self.options = options

@@ -43,6 +43,9 @@ class TrainingContext:
     #: first step of the semi-supervised phase (after the trainer's supervised warm start, 0
     #: without one): ramps and schedules of the unsupervised terms count from here
     ssl_start_step: int = 0
+    #: the networks start the semi-supervised phase trained on the labels (``--warmup`` or
+    #: ``-pretrained_weights``): automatic ramps are then short
+    warm_started: bool = False
     rng: torch.Generator | None = None      # seeded generator for the method's own randomness
     _logged: dict[str, list[float]] = field(default_factory=dict)
 

@@ -241,6 +241,7 @@ class Trainer:
         self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
+        self._pretrained_loaded = False
 
         # ---------------------------------------------------------------- labels, patches, batches
         self.label_manager = LabelManager.from_dataset_json(self.dataset_json)
@@ -310,6 +311,7 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.ssl_start_step = w
             self.ctx.total_steps = self.total_steps
+            self.ctx.warm_started = w > 0 or self._pretrained_loaded
 
     def _in_warmup(self) -> bool:
         return self.current_step < self.warmup_steps
@@ -341,7 +343,10 @@ class Trainer:
         """See ``autossl.training.warm_start.load_pretrained_weights``."""
         from autossl.training.warm_start import load_pretrained_weights
 
-        return load_pretrained_weights(self, source)
+        chosen = load_pretrained_weights(self, source)
+        self._pretrained_loaded = True
+        self._sync_phases()
+        return chosen
 
     # ================================================================== setup
     def _check_specs(self, specs: list[NetworkSpec]) -> list[NetworkSpec]:
@@ -570,6 +575,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "warmup": self.warmup,
             "warmup_done": self._warmup_done,
+            "pretrained_loaded": self._pretrained_loaded,
             "num_epochs": self.num_epochs,
             "iterations_per_epoch": self.iterations_per_epoch,
             "budget_plan": None if self._budget_plan is None else self._budget_plan.__dict__,
@@ -625,6 +631,7 @@ class Trainer:
         self.ctx.total_steps = self.total_steps
         self.warmup = float(ckpt.get("warmup", self.warmup))  # a resumed run keeps its phases
         self._warmup_done = bool(ckpt.get("warmup_done", self.warmup_steps == 0))
+        self._pretrained_loaded = bool(ckpt.get("pretrained_loaded", False))
         self._sync_phases()
         if not self.dist.is_ddp:  # under DDP every rank reseeds from (seed, rank, step) instead
             try:

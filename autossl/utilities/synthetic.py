@@ -1,8 +1,15 @@
 """Small synthetic datasets in the raw format: labelled, unlabelled and test cases.
 
-Each image holds two adjacent ellipsoids (labels 1 and 2, like a hippocampus head and tail) of
-random size, position and contrast on a noisy background with a smooth bias field, so that a
-network must learn shape and context rather than a threshold. Used by the tests and the demo.
+``kind="simple"`` (the tests): each image holds two adjacent ellipsoids (labels 1 and 2, like a
+hippocampus head and tail) of random size, position and contrast on a noisy background with a
+smooth bias field, so that a network must learn shape and context rather than a threshold.
+
+``kind="varied"`` (the demo): the same two-part structure, but cases vary far more than a few
+labelled ones can cover: one to three structures per image, anywhere in the field of view,
+elongated and tilted in any direction, at contrasts from faint to strong on backgrounds of
+different brightness, noise and bias, next to unlabelled distractor blobs of the same intensity
+that only the two-part shape tells apart. A handful of labels does not span this, and the many
+unlabelled cases do.
 """
 from __future__ import annotations
 
@@ -33,14 +40,66 @@ def _case(rng: np.random.Generator, shape, two_d: bool):
     return img.astype(np.float32), seg
 
 
+def _varied_case(rng: np.random.Generator, shape, two_d: bool):
+    n = len(shape)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    seg = np.zeros(shape, np.uint8)
+    background = rng.uniform(60, 140)
+    contrast = rng.uniform(0.35, 1.0) * rng.choice([1.0, 1.0, 1.0, -0.6])  # sometimes darker than the background
+    img = np.full(shape, background, np.float64)
+    occupied = np.zeros(shape, bool)
+
+    def ellipsoid(center, radii, rotation):
+        coords = [g - c for g, c in zip(grids, center)]
+        rot = [sum(rotation[i][j] * coords[j] for j in range(n)) for i in range(n)]
+        return sum((r_ / a) ** 2 for r_, a in zip(rot, radii)), rot
+
+    def random_rotation():
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        return q
+
+    for _ in range(int(rng.integers(1, 4))):  # structures: two parts each
+        for _attempt in range(10):
+            center = rng.uniform(-0.6, 0.6, n)
+            radii = rng.uniform(0.12, 0.32, n)
+            radii[-1] *= rng.uniform(1.2, 1.8)  # elongated along its own last axis
+            d, rot = ellipsoid(center, radii, random_rotation())
+            inside = d < 1
+            if inside.sum() > 8 and not (inside & occupied).any():
+                break
+        else:
+            continue
+        occupied |= d < 1.6
+        head = inside & (rot[-1] < 0)
+        tail = inside & (rot[-1] >= 0)
+        seg[head], seg[tail] = 1, 2
+        img[head] += 45 * contrast
+        img[tail] += 80 * contrast
+    for _ in range(int(rng.integers(0, 3))):  # distractors: one-part blobs, not labelled
+        for _attempt in range(10):
+            d, _ = ellipsoid(rng.uniform(-0.7, 0.7, n), rng.uniform(0.08, 0.2, n), random_rotation())
+            if (d < 1).sum() > 4 and not (d < 1.3)[occupied].any():
+                img[d < 1] += float(rng.choice([45.0, 80.0])) * contrast
+                occupied |= d < 1.3
+                break
+    bias = 1 + rng.uniform(0.1, 0.45) * sum(rng.uniform(-1, 1) * g for g in grids)
+    img = img * bias + rng.normal(0, rng.uniform(6, 22), shape)
+    return img.astype(np.float32), seg
+
+
 def make_synthetic_dataset(raw_root: str | Path, dataset_id: int = 999, name: str = "Synthetic", *,
                            two_d: bool = False, n_labeled: int = 6, n_unlabeled: int = 8, n_test: int = 3,
                            shape=(24, 32, 28), spacing=(1.5, 1.0, 1.0), seed: int = 0,
-                           file_ending: str | None = None, test_labels_dir: str | Path | None = None) -> Path:
+                           file_ending: str | None = None, test_labels_dir: str | Path | None = None,
+                           kind: str = "simple") -> Path:
     """Write ``Dataset{id}_{name}`` under ``raw_root``; returns its folder.
 
+    ``kind``: "simple" or "varied" (see the module doc).
     Test labels go to ``test_labels_dir`` (outside the raw dataset) when given.
     2D datasets are PNG files (shape is the 2D shape)."""
+    if kind not in ("simple", "varied"):
+        raise ValueError(f"synthetic dataset kind must be 'simple' or 'varied', got {kind!r}")
+    make_case = _case if kind == "simple" else _varied_case
     rng = np.random.default_rng(seed)
     file_ending = file_ending or (".png" if two_d else ".nii.gz")
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
@@ -63,7 +122,7 @@ def make_synthetic_dataset(raw_root: str | Path, dataset_id: int = 999, name: st
     groups = [("imagesTr", n_labeled, "lab"), ("imagesTrUnlabeled", n_unlabeled, "unl"), ("imagesTs", n_test, "test")]
     for sub, n, prefix in groups:
         for i in range(n):
-            img, seg = _case(rng, shape, two_d)
+            img, seg = make_case(rng, shape, two_d)
             case = f"{name.lower()}_{prefix}{i:03d}"
             write(img, folder / sub / f"{case}_0000{file_ending}", False)
             if sub == "imagesTr":

@@ -43,9 +43,31 @@ def split_output(output: Any, n: int) -> tuple[Any, Any]:
     return output[:n], output[n:]
 
 
-def ramp_weight(lambda_max: float, rampup_fraction: float, ctx: TrainingContext) -> float:
+#: automatic ramp-up (share of the semi-supervised phase) after a warm start: a network trained on
+#: the labels predicts usable pseudo-labels at once, so the unsupervised terms reach their weight
+#: early instead of spending the phase at a fraction of it
+WARM_RAMPUP = 0.1
+
+
+def rampup_option(method, cold: float, warm: float = WARM_RAMPUP) -> float | tuple[float, float]:
+    """The ``rampup`` option (a share of the semi-supervised phase). Unset: ``warm`` when the run
+    is warm-started, ``cold`` (the method's from-scratch ramp) when it is not; ``ramp_weight``
+    picks one."""
+    v = method.options.get("rampup")
+    if v is None:
+        return (float(cold), float(warm))
+    v = float(v)
+    if v < 0:
+        raise ValueError(f"--ssl {method.name}: rampup must be >= 0, got {v}")
+    return v
+
+
+def ramp_weight(lambda_max: float, rampup_fraction, ctx: TrainingContext) -> float:
     """λ(t) = λ_max · sigmoid_rampup(t, T), t counted from the start of the semi-supervised phase
-    (after the supervised warm start), T = ``rampup_fraction`` of that phase (0: no ramp)."""
+    (after the supervised warm start), T = ``rampup_fraction`` of that phase (0: no ramp). A
+    (cold, warm) pair from ``rampup_option`` takes ``warm`` in a warm-started run."""
+    if isinstance(rampup_fraction, tuple):
+        rampup_fraction = rampup_fraction[1] if ctx.warm_started else rampup_fraction[0]
     steps = int(round(rampup_fraction * ctx.ssl_total_steps))
     return lambda_max * sigmoid_rampup(ctx.ssl_step, steps)
 

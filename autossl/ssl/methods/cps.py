@@ -16,7 +16,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight,
+from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import box_mask
@@ -57,7 +57,7 @@ class CPS(SSLMethod):
         # from scratch, 1.5 from the first step makes both networks agree on background and a
         # small class is never learned (documentation/ssl_methods.md)
         self.lambda_max = self.option("lambda", 0.1)
-        self.rampup = self.option("rampup", 1.0)
+        self.rampup = rampup_option(self, cold=1.0)
         self.cutmix = self.option("cutmix", self.default_cutmix)
         self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
         if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:

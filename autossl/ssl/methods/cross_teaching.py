@@ -25,7 +25,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.methods._shared import check_choice, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.methods._shared import check_choice, has_unlabeled, ramp_weight, rampup_option, split_output
 from autossl.ssl.registry import register
 from autossl.training.losses import ce_loss, soft_dice_loss
 
@@ -75,16 +75,16 @@ class CrossTeaching(SSLMethod):
     def __init__(self, **options):
         super().__init__(**options)
         self.lambda_max = self.option("lambda", 0.2)
-        self.rampup = self.option("rampup", 1.0)
+        self.rampup = rampup_option(self, cold=1.0)
         self.sup_weight = self.option("sup_weight", 1.0)
         self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         predict = self.option("predict", self.option("inference", main))
         self.predict = check_choice(self.name, "predict", predict, ("cnn", "transformer", "both"))
-        if self.lambda_max < 0 or self.rampup < 0 or self.sup_weight <= 0:
-            raise ValueError(f"--ssl cross_teaching: need lambda >= 0, rampup >= 0, sup_weight > 0; got "
-                             f"{self.lambda_max}, {self.rampup}, {self.sup_weight}")
+        if self.lambda_max < 0 or self.sup_weight <= 0:
+            raise ValueError(f"--ssl cross_teaching: need lambda >= 0, sup_weight > 0; got "
+                             f"{self.lambda_max}, {self.sup_weight}")
 
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("cnn", arch="cnn"), NetworkSpec("transformer", arch="transformer")]

@@ -11,7 +11,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import main_output
-from autossl.ssl.methods._shared import ramp_weight
+from autossl.ssl.methods._shared import ramp_weight, rampup_option
 from autossl.ssl.registry import register
 
 
@@ -40,7 +40,7 @@ class EntropyMinimisation(SSLMethod):
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
         p = torch.softmax(main_output(out)[n_l:].float(), 1)
         entropy = -(p * torch.log(p + 1e-6)).sum(1).mean() / math.log(p.shape[1])
-        weight = ramp_weight(self.option("lambda", 0.1), self.option("rampup", 1.0), ctx)
+        weight = ramp_weight(self.option("lambda", 0.1), rampup_option(self, cold=1.0), ctx)
         ctx.log("loss_sup", loss_sup)
         ctx.log("loss_unsup", entropy)
         ctx.log("ramp_weight", weight)

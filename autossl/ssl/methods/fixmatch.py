@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import cpu_generator, has_unlabeled, ramp_weight, require_label_maps, split_output
+from autossl.ssl.methods._shared import cpu_generator, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import cutout
 
@@ -47,7 +47,7 @@ class FixMatch(SSLMethod):
         self.lambda_u = self.option("lambda", 1.0)
         # ramped, not the paper's constant λ_u: early, nearly every confident voxel is background,
         # and a constant weight teaches a from-scratch network to under-segment small structures
-        self.rampup = self.option("rampup", 1.0)
+        self.rampup = rampup_option(self, cold=1.0)
         self.cutout = self.option("cutout", True)
         self.cutout_fraction = (self.option("cutout_min", 0.05), self.option("cutout_max", 0.25))
         if not 0 <= self.threshold <= 1:

@@ -8,9 +8,10 @@ n = clamp(N(0, 0.1²), -0.2, 0.2); the teacher is an EMA of the student,
 Perturbation: SSL4MIS's U-Net carries dropout and its teacher runs in train mode, so student
 and teacher differ by dropout as well as by the input noise. The planned U-Nets have no
 dropout, and with input noise alone (clipped at ±0.2 on normalised intensities) the two
-predictions barely differ and the consistency term is close to zero. Both networks are
-therefore built with element-wise dropout after every convolution (``dropout``, 0.1;
-``NetworkSpec.dropout``) and the teacher's forward passes run with dropout active
+predictions barely differ and the consistency term is close to zero. Both networks therefore
+carry SSL4MIS's encoder dropout (after the first convolution of each encoder stage, rates
+growing with depth to ``dropout`` = 0.5 at the bottleneck; ``NetworkSpec.dropout``,
+``networks.build.add_dropout``) and the teacher's forward passes run with dropout active
 (``teacher_dropout``, true). Prediction uses the plain planned network in eval mode.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.ema import ema_update, warmup_decay
-from autossl.ssl.methods._shared import (check_choice, has_unlabeled, input_noise, ramp_weight,
+from autossl.ssl.methods._shared import (check_choice, has_unlabeled, input_noise, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register
 
@@ -35,7 +36,8 @@ def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
 @register("mean_teacher")
 class MeanTeacher(SSLMethod):
     """Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0, fraction of the run),
-    ema_decay (0.99), noise_std (0.1), noise_clip (0.2), dropout (0.1), teacher_dropout (true),
+    ema_decay (0.99), noise_std (0.1), noise_clip (0.2), dropout (0.5: the bottleneck's rate),
+    teacher_dropout (true),
     inference (teacher|student)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight")
@@ -44,11 +46,11 @@ class MeanTeacher(SSLMethod):
     def __init__(self, **options):
         super().__init__(**options)
         self.lambda_max = self.option("lambda", 0.1)
-        self.rampup = self.option("rampup", 1.0)
+        self.rampup = rampup_option(self, cold=1.0)
         self.max_decay = self.option("ema_decay", 0.99)
         self.noise_std = self.option("noise_std", 0.1)
         self.noise_clip = self.option("noise_clip", 0.2)
-        self.dropout = self.option("dropout", 0.1)
+        self.dropout = self.option("dropout", 0.5)
         self.teacher_dropout = self.option("teacher_dropout", True)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--ssl {self.name}: dropout must be in [0, 1), got {self.dropout}")

@@ -86,6 +86,7 @@ class SelfTraining(SSLMethod):
 
     scalars = ("loss_sup", "loss_unsup", "round", "pl_share", "pl_confidence")
     default_unlabeled_ratio = 1.0
+    default_warmup = 0.0  # round 0 is its supervised warm start
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -17,6 +17,7 @@ class Supervised(SSLMethod):
 
     uses_unlabeled = False
     default_unlabeled_ratio = 0.0
+    default_warmup = 0.0
 
     def __init__(self, **options):
         super().__init__(**options)

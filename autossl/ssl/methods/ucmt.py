@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.ema import ema_update, warmup_decay
-from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, split_output
+from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option, split_output
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
@@ -107,7 +107,7 @@ class UCMT(SSLMethod):
     def __init__(self, **options):
         super().__init__(**options)
         self.weight = self.option("weight", 0.1)
-        self.rampup = self.option("rampup", 0.2)
+        self.rampup = rampup_option(self, cold=0.2)
         self.ema_decay = self.option("ema_decay", 0.99)
         self.teacher_mix = self.option("teacher_mix", 0.99)
         self.grid = self.option("grid", 0)
@@ -118,10 +118,10 @@ class UCMT(SSLMethod):
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         ranges_ok = 0 <= self.ema_decay <= 1 and 0 <= self.teacher_mix <= 1
-        if not ranges_ok or min(self.grid, self.topk, self.weight, self.rampup) < 0:
-            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk, weight, "
-                             f"rampup >= 0; got ema_decay={self.ema_decay}, teacher_mix={self.teacher_mix}, "
-                             f"grid={self.grid}, topk={self.topk}, weight={self.weight}, rampup={self.rampup}")
+        if not ranges_ok or min(self.grid, self.topk, self.weight) < 0:
+            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk, weight >= 0; "
+                             f"got ema_decay={self.ema_decay}, teacher_mix={self.teacher_mix}, "
+                             f"grid={self.grid}, topk={self.topk}, weight={self.weight}")
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
