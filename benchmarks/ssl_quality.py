@@ -125,7 +125,7 @@ def main(argv=None) -> None:
             ds_all, _ = build_dataset(proto, args.protocol, "all", proto["base_id"] + 9, env, work, log)
             pool_labels = Path(env["autossl_raw"]) / ds_all / "labelsTr"
         for seed in args.seeds:
-            tag = args.tag if method != "none" or lab == "all" else ""
+            tag = args.tag if method != "none" else ""
             key = (lab, method, seed, tag)
             if key in done:
                 continue

@@ -33,13 +33,15 @@ def build_network(architecture: dict, input_channels: int, num_classes: int,
 
 
 class _ConvDropout:
-    """Forward hook: element-wise dropout on a convolution's output while its module trains."""
+    """Forward hook: element-wise dropout on a convolution's output while its module trains and
+    the hook is ``active`` (the trainer switches it off during a supervised warm start)."""
 
     def __init__(self, p: float):
         self.p = float(p)
+        self.active = True
 
     def __call__(self, module: nn.Module, inputs, output):
-        return nn.functional.dropout(output, self.p, training=module.training)
+        return nn.functional.dropout(output, self.p, training=module.training and self.active)
 
 
 #: SSL4MIS's U-Net: dropout after the first convolution of each encoder block, growing with depth
@@ -64,7 +66,7 @@ def add_dropout(net: nn.Module, p_max: float) -> list[float]:
     plain planned network: checkpoints load into it for prediction and warm starts from runs
     without dropout fit. The plans' U-Nets have none; a method whose perturbation is dropout (a
     mean teacher's) asks for it through ``NetworkSpec.dropout``. Active in train mode only.
-    Returns the rate per stage."""
+    Returns the hooks (``.p`` the rate, ``.active`` a switch), one per encoder stage."""
     if not 0 <= p_max < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p_max}")
     if p_max == 0:
@@ -75,13 +77,15 @@ def add_dropout(net: nn.Module, p_max: float) -> list[float]:
     if stages is None:
         raise ValueError(f"{type(net).__name__} has no encoder stages to carry dropout: dropout needs a U-Net "
                          f"of the plans")
-    rates = encoder_dropout_rates(len(stages), p_max)
-    for stage, rate in zip(stages, rates):
+    hooks = []
+    for stage, rate in zip(stages, encoder_dropout_rates(len(stages), p_max)):
         first = next((m for m in stage.modules() if isinstance(m, ConvDropoutNormReLU)), None)
         if first is None:
             raise ValueError(f"{type(net).__name__}: an encoder stage has no convolution block for dropout")
-        first.conv.register_forward_hook(_ConvDropout(rate))
-    return rates
+        hook = _ConvDropout(rate)
+        first.conv.register_forward_hook(hook)
+        hooks.append(hook)
+    return hooks
 
 
 def has_deep_supervision(net: nn.Module) -> bool:

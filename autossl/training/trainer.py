@@ -242,6 +242,7 @@ class Trainer:
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
         self._pretrained_loaded = False
+        self._dropout_hooks: list = []  # a method's dropout: off during the supervised warm start
 
         # ---------------------------------------------------------------- labels, patches, batches
         self.label_manager = LabelManager.from_dataset_json(self.dataset_json)
@@ -306,6 +307,8 @@ class Trainer:
         """Tell the schedules and the method context where the semi-supervised phase starts
         (after the run's length is known or changed)."""
         w = self.warmup_steps
+        for hook in self._dropout_hooks:  # the warm start trains the plain planned network
+            hook.active = self.current_step >= w
         for s in self.schedulers.values():
             s.set_restarts([w] if 0 < w < self.total_steps else [])
         if self.ctx is not None:
@@ -322,6 +325,7 @@ class Trainer:
             if spec.copy_of is not None:
                 unwrap(self.networks[spec.name]).load_state_dict(unwrap(self.networks[spec.copy_of]).state_dict())
         self._warmup_done = True
+        self._sync_phases()
         self._start_unlabeled_stream()
         self.logger.print(f"supervised warm start done at step {self.current_step}: "
                           f"{self.ssl} trains on unlabelled batches from here")
@@ -407,7 +411,7 @@ class Trainer:
                     if spec.arch != "cnn":
                         raise TrainingError(f"--ssl {self.ssl}: network {spec.name!r} asks for dropout, which "
                                             f"only the planned cnn takes")
-                    add_dropout(net, spec.dropout)
+                    self._dropout_hooks += add_dropout(net, spec.dropout)
                 if spec.copy_of is not None:
                     net.load_state_dict(built[spec.copy_of].state_dict())
                 if self.device.type == "cpu":  # same normalisation, faster CPU kernel
