@@ -89,7 +89,8 @@ def test_automatic_rampup_is_short_after_a_warm_start_only():
 
 
 def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
-    t = _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3, warmup=0.5)
+    t = _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3, warmup=0.5,
+                 snapshot_every=1)
     seen = _record(t)
     t.run()
     assert t.warmup_steps == 3
@@ -101,6 +102,10 @@ def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
     # the EMA teacher starts as the warm student, not as the untrained initialisation
     assert seen[0]["teacher_is_student"]
     assert t.ctx.warm_started
+    # checkpoints written in the warm start hold the warm student as the (predicting) teacher
+    snap = torch.load(t.output_folder / "checkpoint_step3.pth", weights_only=True)
+    s, te = snap["networks"]["student"], snap["networks"]["teacher"]
+    assert all(torch.equal(s[k], te[k]) for k in s)
     debug = (t.output_folder / "debug.json").read_text()
     assert '"warmup_steps": 3' in debug
 

@@ -319,11 +319,15 @@ class Trainer:
     def _in_warmup(self) -> bool:
         return self.current_step < self.warmup_steps
 
-    def _end_warmup(self) -> None:
-        """Copies (EMA teachers) take their sources' warm weights; unlabelled batches start."""
+    def _copy_sources(self) -> None:
+        """Copies (EMA teachers) take their sources' current weights."""
         for spec in self.specs:
             if spec.copy_of is not None:
                 unwrap(self.networks[spec.name]).load_state_dict(unwrap(self.networks[spec.copy_of]).state_dict())
+
+    def _end_warmup(self) -> None:
+        """Copies (EMA teachers) take their sources' warm weights; unlabelled batches start."""
+        self._copy_sources()
         self._warmup_done = True
         self._sync_phases()
         self._start_unlabeled_stream()
@@ -776,6 +780,10 @@ class Trainer:
                     measured.append(time.time() - t_it)
                     if len(measured) == BUDGET_MEASURE_STEPS:
                         apply_budget(self, float(np.mean(measured)))
+            if self.current_step <= self.warmup_steps and self.warmup_steps > 0:
+                # during the warm start an EMA teacher is its student: validation, checkpoints
+                # and snapshots then show the network being trained, not its initialisation
+                self._copy_sources()
             val_loss, dice = self._validate_epoch()
             self._end_epoch(epoch, epoch_start, losses, val_loss, dice, lrs, epoch_times)
 
