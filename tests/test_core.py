@@ -172,3 +172,23 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     save_json({"a": 1}, tmp_path / "x.json")
     mode = (tmp_path / "x.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~file_io._UMASK
+
+
+def test_varied_synthetic_cases_vary_in_count_and_contrast_and_are_seeded():
+    """The demo's dataset: one or two two-part structures, unlabelled distractors, varied contrast."""
+    from scipy import ndimage
+
+    from autossl.utilities.synthetic import _varied_case
+
+    rng = np.random.default_rng(3)
+    counts, contrasts = set(), []
+    for _ in range(12):
+        img, seg = _varied_case(rng, (20, 24, 24), False)
+        assert set(np.unique(seg)) <= {0, 1, 2} and (seg == 1).any() and (seg == 2).any()
+        counts.add(ndimage.label(seg > 0)[1])
+        contrasts.append(img[seg == 2].mean() - img[seg == 0].mean())
+    assert {1, 2} <= counts  # one or two structures per case
+    assert max(contrasts) > 1.4 * min(contrasts)  # faint and strong cases
+    a = _varied_case(np.random.default_rng(5), (12, 16, 16), False)
+    b = _varied_case(np.random.default_rng(5), (12, 16, 16), False)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

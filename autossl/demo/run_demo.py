@@ -20,8 +20,8 @@ from pathlib import Path
 
 DEMO_ID = 991
 DEMO_NAME = "DemoVaried"
-DEFAULT_SSL = "fixmatch"
-DEFAULT_STEPS = 300
+DEFAULT_SSL = "cps_cutmix"
+DEFAULT_STEPS = 400
 
 
 def _run(cmd: list[str], env: dict, log: Path, quiet: bool) -> float:

@@ -41,7 +41,7 @@ from autossl.inference.export import (convert_predicted_logits_to_segmentation_w
                                       export_prediction_from_logits)
 from autossl.inference.sliding_window import SlidingWindowPredictor
 from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision
-from autossl.utilities.file_io import load_json, save_json
+from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json
 from autossl.utilities.label_handling import LabelManager
 
 CHANNEL_RE = re.compile(r"_(\d{4})$")
@@ -206,10 +206,9 @@ class Predictor:
                                       + (f" (this fold has {present}; use -chk)" if present else
                                          f"; train fold {f} first (autossl_train DATASET CONFIGURATION {f} ...)"))
             try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # truncated, foreign, or carrying pickled objects (never executed)
-                raise PredictionError(f"{path}: cannot read the checkpoint as tensors and plain data ({e}); "
-                                      f"autossl never unpickles objects from a model file") from None
+                ckpt = load_torch_safely(path)
+            except UnsafeCheckpointError as e:  # truncated, foreign, or carrying pickled objects (never executed)
+                raise PredictionError(str(e)) from None
             fold_specs = ckpt.get("inference_networks") or [{"name": "network", "arch": "cnn"}]
             if members:
                 fold_specs = _member_specs(ckpt, members, path)

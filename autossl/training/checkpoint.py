@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autossl.utilities.file_io import save_torch
+from autossl.utilities.file_io import UnsafeCheckpointError, load_torch_safely, save_torch
 
 REQUIRED_KEYS = (
     "network_weights", "networks", "inference_networks", "optimizer_states", "scheduler_states",
@@ -36,10 +36,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, foreign, or carrying pickled objects (never executed)
-        raise RuntimeError(f"{path}: cannot read the checkpoint as tensors and plain data ({e}); "
-                           f"autossl never unpickles objects from a model file") from e
+        ckpt = load_torch_safely(path, map_location)
+    except UnsafeCheckpointError as e:  # truncated, foreign, or carrying pickled objects (never executed)
+        raise RuntimeError(str(e)) from None
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise KeyError(f"{path}: not an autossl training checkpoint (missing {missing})")

@@ -20,6 +20,7 @@ import torch
 
 from autossl.ssl.ema import unwrap
 from autossl.training.errors import TrainingError
+from autossl.utilities.file_io import UnsafeCheckpointError, load_torch_safely
 
 CHECKPOINT = "checkpoint_final.pth"
 
@@ -42,10 +43,9 @@ def read_source_networks(path: Path) -> tuple[dict[str, dict], dict[str, str], l
     """({name: state_dict}, {name: arch}, inference network names) of an autossl checkpoint; a
     checkpoint with only ``network_weights`` (nnU-Net's) counts as one cnn named "network"."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainingError(f"-pretrained_weights {path}: cannot read it as tensors and plain data ({e}); "
-                            f"autossl never unpickles objects from a model file") from None
+        ckpt = load_torch_safely(path)
+    except UnsafeCheckpointError as e:
+        raise TrainingError(f"-pretrained_weights {e}") from None
     if not isinstance(ckpt, dict) or not ("networks" in ckpt or "network_weights" in ckpt):
         raise TrainingError(f"-pretrained_weights {path}: not a training checkpoint (no 'networks' or "
                             f"'network_weights')")

@@ -74,6 +74,29 @@ def load_pickle(path: str | os.PathLike) -> Any:
         return pickle.load(f)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A model file that cannot be read as tensors and plain data."""
+
+
+def load_torch_safely(path: str | os.PathLike, map_location="cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain types only, nothing executed. A file
+    that needs an object unpickled (a pickled class, numpy arrays as autossl wrote them before
+    its checkpoints held only tensors, a foreign format) or is truncated raises
+    ``UnsafeCheckpointError`` naming the file and the first thing refused."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln),
+                      lines[0] if lines else type(e).__name__)
+        raise UnsafeCheckpointError(
+            f"{path}: cannot read it as tensors and plain data ({reason}); autossl never unpickles objects "
+            f"from a model file. A checkpoint written by an autossl version before weights-only checkpoints "
+            f"must be trained again") from None
+
+
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     import torch
 

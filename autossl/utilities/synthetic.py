@@ -45,7 +45,7 @@ def _varied_case(rng: np.random.Generator, shape, two_d: bool):
     grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     seg = np.zeros(shape, np.uint8)
     background = rng.uniform(60, 140)
-    contrast = rng.uniform(0.45, 1.0)
+    contrast = rng.uniform(0.6, 1.0)
     img = np.full(shape, background, np.float64)
     occupied = np.zeros(shape, bool)
 
@@ -73,17 +73,17 @@ def _varied_case(rng: np.random.Generator, shape, two_d: bool):
         head = inside & (rot[-1] < 0)
         tail = inside & (rot[-1] >= 0)
         seg[head], seg[tail] = 1, 2
-        img[head] += 45 * contrast
-        img[tail] += 80 * contrast
+        img[head] += 60 * contrast
+        img[tail] += 100 * contrast
     for _ in range(int(rng.integers(0, 3))):  # distractors: one-part blobs, not labelled
         for _attempt in range(10):
             d, _ = ellipsoid(rng.uniform(-0.7, 0.7, n), rng.uniform(0.08, 0.2, n), random_rotation())
             if (d < 1).sum() > 4 and not (d < 1.3)[occupied].any():
-                img[d < 1] += float(rng.choice([45.0, 80.0])) * contrast
+                img[d < 1] += float(rng.choice([60.0, 100.0])) * contrast
                 occupied |= d < 1.3
                 break
     bias = 1 + rng.uniform(0.1, 0.45) * sum(rng.uniform(-1, 1) * g for g in grids)
-    img = img * bias + rng.normal(0, rng.uniform(6, 22), shape)
+    img = img * bias + rng.normal(0, rng.uniform(5, 16), shape)
     return img.astype(np.float32), seg
 
 
