@@ -178,7 +178,9 @@ def test_pretrained_weights_then_resume(ds, supervised_run):
     """-pretrained_weights is used once; --c continues from the run's own checkpoint."""
     t = _trainer(ds, fold="all", ssl="fixmatch", epochs=2, iterations_per_epoch=2,
                  pretrained_weights=supervised_run.output_folder_base)
+    assert t.warmup_steps == 0  # started warm: no supervised phase of its own unless --warmup says so
     t.run()
+    assert t.ctx.warm_started  # and its automatic ramps are the short ones
     final = torch.load(t.output_folder / "checkpoint_final.pth", weights_only=True)
     t2 = _trainer(ds, fold="all", ssl="fixmatch", epochs=2, iterations_per_epoch=2,
                   pretrained_weights=supervised_run.output_folder_base)

@@ -143,7 +143,8 @@ class Trainer:
                     network on the labelled batches alone (no unlabelled batch is drawn), the
                     learning-rate schedule restarts at its end and the method's copies (EMA
                     teachers) start from their trained sources. A value < 1 is a share of the
-                    run, >= 1 a number of iterations; None = the method's ``default_warmup``.
+                    run, >= 1 a number of iterations; None = the method's ``default_warmup`` (0 when
+                    ``pretrained_weights`` starts the run warm).
     pretrained_weights: a checkpoint (or a results folder holding one) whose network weights
                     initialise every network of the same architecture (nnU-Net's
                     ``-pretrained_weights``); a warm start from another run
@@ -235,7 +236,9 @@ class Trainer:
             raise TrainingError(f"--unlabeled-ratio must be >= 0, got {ratio}")
         self.unlabeled_ratio = float(ratio)
         self.trainer_name = trainer_name(self.ssl, network)
-        self.warmup = float(self.method.default_warmup if warmup is None else warmup)
+        # a run started from another run's weights is warm already: no supervised phase unless asked
+        default = 0.0 if pretrained_weights else self.method.default_warmup
+        self.warmup = float(default if warmup is None else warmup)
         if math.isnan(self.warmup) or self.warmup < 0:
             raise TrainingError(f"--warmup must be >= 0 (a share of the run below 1, iterations from 1), got {warmup}")
         self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
