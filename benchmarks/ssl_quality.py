@@ -144,8 +144,7 @@ def main(argv=None) -> None:
                          "--seed", str(seed), "-device", args.device, *ssl_opts, *warm]
             if snap_every:
                 train_cmd += ["--snapshot-every", str(snap_every)]
-            model_dir = (Path(env["autossl_results"]) / ds /
-                         f"{'autosslTrainer' if method == 'none' else 'autosslTrainer_' + method}__{plans}__{proto['config']}")
+            model_dir = Path(env["autossl_results"]) / ds / f"{trainer_name(method)}__{plans}__{proto['config']}"
             if (model_dir / "fold_all" / "checkpoint_final.pth").exists():
                 shutil.rmtree(model_dir)  # an earlier variant of the same method: train this one afresh
             t_train = run(train_cmd, env, log)
@@ -169,6 +168,12 @@ def main(argv=None) -> None:
             print(format_row(row), flush=True)
     write_tables(list(done.values()), work, args)
     print((work / "results.md").read_text())
+
+
+def trainer_name(method: str) -> str:
+    from autossl.cli.predict import trainer_name as name
+
+    return name(method)
 
 
 def row_key(r: dict) -> tuple:
