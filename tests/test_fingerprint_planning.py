@@ -462,3 +462,25 @@ def test_h3d_layout_fingerprint_and_cpu_preset(hippocampus_h3d):
     c = cpu["configurations"]["3d_fullres"]
     assert c["patch_size"] == [32, 40, 32] and c["batch_size"] == 2  # the documented H3D CPU preset
     assert c["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128]
+
+
+def test_cpu_2d_plan_trades_slice_for_batch(env):
+    """The CPU preset shrinks a 2D patch until a batch of 12 fits its compute budget (nnU-Net's
+    rule, minimum 2, would keep the whole slice in batches of about 3, too few samples for a
+    1000-iteration run); the default planner keeps nnU-Net's rule."""
+    raw, _ = env
+    make_synthetic_dataset(raw, 995, "Wide2d", two_d=True, n_labeled=4, n_unlabeled=76, n_test=0, shape=(256, 224),
+                           seed=3)
+    extract_fingerprint(995, num_processes=1)
+    default = ExperimentPlanner(995).plan_experiment()["configurations"]["2d"]
+    cpu = CPUPlanner(995).plan_experiment()["configurations"]["2d"]
+    assert default["patch_size"] == [256, 224]
+    assert cpu["batch_size"] >= CPUPlanner.UNet_shrink_until_batch_size_2d == 12
+    assert cpu["patch_size"][0] < 256 and cpu["patch_size"][1] < 224
+    assert cpu["transformer_architecture"]["arch_kwargs"]["input_shape"] == cpu["patch_size"]
+
+    class Nnunet2dRule(CPUPlanner):
+        UNet_shrink_until_batch_size_2d = 2
+
+    old = Nnunet2dRule(995, plans_name="oldrule").plan_experiment()["configurations"]["2d"]
+    assert old["patch_size"] == [256, 224] and old["batch_size"] < 12

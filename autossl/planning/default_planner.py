@@ -106,6 +106,9 @@ class ExperimentPlanner:
     UNet_min_batch_size = 2
     UNet_max_batch_size_2d: int | None = None
     UNet_max_batch_size_3d: int | None = None
+    # the patch shrinks until a batch of this many fits the budget (nnU-Net: 2)
+    UNet_shrink_until_batch_size_2d = 2
+    UNet_shrink_until_batch_size_3d = 2
     max_dataset_covered = 0.05  # a batch sees at most 5% of the dataset's voxels
     lowres_creation_threshold = 0.25  # 3d_lowres when the fullres patch covers < 25% of the median image
     anisotropy_threshold = ANISO_THRESHOLD
@@ -295,8 +298,9 @@ class ExperimentPlanner:
         arch = self.architecture(dim, conv_sizes, pool_sizes)
         estimate = self.static_estimate_VRAM_usage(patch_size, arch)
         reference, ref_bs = self.reference_and_batch(dim)
+        shrink_until = self.UNet_shrink_until_batch_size_2d if dim == 2 else self.UNet_shrink_until_batch_size_3d
 
-        while estimate / ref_bs * 2 > reference:
+        while estimate / ref_bs * shrink_until > reference:
             # shrink the axis that is largest relative to the median shape. Subtract the divisor of the
             # shrunk shape (recomputed) so that valid sizes in between are not skipped
             axis = int(np.argsort([i / j for i, j in zip(patch_size, median_shape[:dim])])[-1])
