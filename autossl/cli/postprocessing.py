@@ -13,11 +13,11 @@ or from any prediction folder against any reference folder:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from autossl.utilities.file_io import atomic_path, load_json, save_json
+from autossl.evaluation.crossval import gather_crossval_predictions  # noqa: F401  (also used from here)
+from autossl.utilities.file_io import load_json
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -29,30 +29,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-tr", default=None, help="trainer name (overrides --ssl/--network)")
     p.add_argument("-m", default=None, help="model folder (instead of -d/-c/-p/-tr)")
     p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold_X with validation/)")
-
-
-def gather_crossval_predictions(model_folder: Path, folds, file_ending: str) -> Path:
-    """Copy every fold's validation segmentations into ``crossval_results_folds_<folds>``."""
-    if folds is None:
-        folds = sorted(int(p.name[5:]) for p in model_folder.glob("fold_*")
-                       if p.name[5:].isdigit() and (p / "validation").is_dir())
-    if not folds:
-        raise FileNotFoundError(f"{model_folder}: no fold_X/validation/ folder; train and validate folds first")
-    out = model_folder / f"crossval_results_folds_{'_'.join(str(f) for f in folds)}"
-    out.mkdir(exist_ok=True)
-    for f in folds:
-        val = model_folder / f"fold_{f}" / "validation"
-        files = sorted(val.glob(f"*{file_ending}")) if val.is_dir() else []
-        if not files:
-            raise FileNotFoundError(f"{val}: no validation predictions ({file_ending}); run the final validation "
-                                    f"(autossl_train ... {f} --val)")
-        for src in files:
-            with atomic_path(out / src.name) as tmp:
-                shutil.copyfile(src, tmp)
-    for name in ("dataset.json", "plans.json"):
-        if (model_folder / name).is_file():
-            save_json(load_json(model_folder / name), out / name, sort_keys=False)
-    return out
 
 
 def determine_main(argv: list[str] | None = None) -> int:
