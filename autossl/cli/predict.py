@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", default=None, help="trainer name (overrides --ssl/--network), e.g. autosslTrainer_ucmt")
     p.add_argument("-m", default=None, help="model folder (instead of -d/-c/-p/-tr)")
     p.add_argument("-f", nargs="+", default=None,
-                   help="folds to ensemble (default: every fold_X that has the checkpoint)")
+                   help="folds to ensemble, their logits averaged as nnU-Net does (default: every numbered "
+                        "fold_X of the model folder that has the checkpoint; fold_all when there is none)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     p.add_argument("--members", nargs="+", default=None,
                    help="networks of the checkpoint that predict, softmax averaged (default: the method's "
@@ -79,10 +80,23 @@ def model_folder_from_args(args) -> Path:
     return paths.results_dir() / find_dataset_name(args.d) / f"{trainer}__{args.p}__{args.c}"
 
 
+def _default_folds(model_folder: Path, checkpoint_name: str) -> list[int | str] | None:
+    """nnU-Net's default: every numbered fold with the checkpoint; fold_all when there is none;
+    None when neither exists (the predictor then says what is missing)."""
+    from autossl.inference.predictor import Predictor
+
+    folds = Predictor.auto_detect_available_folds(model_folder, checkpoint_name)
+    if folds:
+        return folds
+    if (model_folder / "fold_all" / checkpoint_name).is_file():
+        return ["all"]
+    return None
+
+
 def _train_hint(args) -> str:
     ssl = f" --ssl {args.ssl}" if args.ssl not in ("none", "") else ""
     net = " --network transformer" if args.network == "transformer" else ""
-    return f"autossl_train {args.d} {args.c} FOLD -p {args.p}{ssl}{net}"
+    return f"autossl_train {args.d} {args.c} -p {args.p}{ssl}{net} (every fold; or give one FOLD)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
     elif args.device == "cuda":
         torch.set_num_threads(1)
-    folds = [f if f == "all" else int(f) for f in args.f] if args.f else None
+    try:
+        folds = [f if f == "all" else int(f) for f in args.f] if args.f else _default_folds(folder, args.chk)
+    except ValueError:
+        print(f"autossl_predict: error: -f takes fold numbers or 'all', got {args.f}", file=sys.stderr)
+        return 2
+    if folds:
+        print(f"{folder.name}: predicting with fold(s) {' '.join(str(f) for f in folds)} ({args.chk})"
+              + ("" if args.f else ", every fold found"))
     predictor = Predictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                           device=torch.device(args.device), verbose=args.verbose,
                           allow_tqdm=not args.disable_progress_bar, use_amp=False if args.fp32 else None)
