@@ -127,3 +127,86 @@ def test_predict_without_folds_averages_every_fold(workflow, tmp_path):
         default, both, one = (np.load(tmp_path / d / case)["probabilities"] for d in ("default", "both", "one"))
         np.testing.assert_allclose(default, both, atol=1e-6)
         assert np.abs(default - one).max() > 1e-4  # fold 1 contributes
+
+
+def _table_rows(out: str) -> list[dict]:
+    """The candidate rows of autossl_find_best_configuration's table."""
+    import re
+
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"^(  \*  |     )\s*(\d+)  (.+?)\s+(\d\.\d{4}|n/a)\s+(\d\.\d{4}|n/a)\s+(\d\.\d{4}|n/a)\s+"
+                     r"(\d\.\d{4}|n/a)\s+(\d\.\d{4}|n/a)$", line)
+        if m:
+            rows.append({"chosen": m.group(1).strip() == "*", "rank": int(m.group(2)), "label": m.group(3).strip(),
+                         "dice": float(m.group(4)), "min": float(m.group(7)), "max": float(m.group(8))})
+    return rows
+
+
+def test_find_best_configuration_then_the_instructions_as_written(workflow, tmp_path):
+    from autossl.imageio.simpleitk_io import SimpleITKIO
+
+    results = workflow["results"]
+    out_dir = tmp_path / "final"
+    out = ok(f"autossl_find_best_configuration {DATASET_ID} -c {' '.join(CONFIGS)} --ssl {' '.join(METHODS)} "
+             f"-p {PLANS} -np 1 -i {workflow['raw'] / 'imagesTs'} -o {out_dir}")
+    info = load_json(results / "inference_information.json")
+    rows = _table_rows(out)
+    # 4 models and the 6 pairs of them, each scored once, best first
+    assert len(rows) == 4 + 6 and len(info["all_results"]) == 10
+    assert [r["rank"] for r in rows] == list(range(1, 11))
+    assert [r["dice"] for r in rows] == sorted((r["dice"] for r in rows), reverse=True)
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["dice"] == max(r["dice"] for r in rows)
+    best = info["best_model_or_ensemble"]
+    assert chosen[0]["label"] == best["label"]
+    assert best["result_on_crossval_pre_pp"] == pytest.approx(max(info["all_results"].values()))
+    for r in rows:  # the spread over the two folds brackets each fold's Dice
+        ident = next(k for k, v in info["labels"].items() if v == r["label"])
+        per_fold = info["all_results_per_fold"][ident].values()
+        assert r["min"] == pytest.approx(min(per_fold), abs=1e-4) and r["max"] == pytest.approx(max(per_fold), abs=1e-4)
+        assert min(per_fold) - 1e-4 <= info["all_results"][ident] <= max(per_fold) + 1e-4
+    # an ensemble's score is the Dice of its averaged validation probabilities
+    ens = [k for k in info["all_results"] if k.startswith("ensemble___")]
+    assert len(ens) == 6
+    for k in ens:
+        folder = results / "ensembles" / k
+        assert (folder / "summary.json").is_file() and (folder / "dataset.json").is_file()
+        assert load_json(folder / "summary.json")["foreground_mean"]["Dice"] == pytest.approx(info["all_results"][k])
+    # the model's own cross-validation summary is what its row shows
+    m = info["considered_models"][0]
+    ident = Path(m["model_folder"]).name
+    assert info["all_results"][ident] == pytest.approx(
+        load_json(Path(m["model_folder"]) / "crossval_results_folds_0_1" / "summary.json")["foreground_mean"]["Dice"])
+
+    # the instructions, run as written
+    text = (results / "inference_instructions.txt").read_text()
+    commands = [line for line in text.splitlines() if line.startswith("autossl_")]
+    assert commands == info["commands"] and commands
+    n_models = len(best["selected_model_or_models"])
+    assert sum(c.startswith("autossl_predict ") for c in commands) == n_models
+    assert any(c.startswith("autossl_ensemble ") for c in commands) == (n_models == 2)
+    assert any(c.startswith("autossl_apply_postprocessing ") for c in commands) == bool(best["postprocessing_steps"])
+    for c in commands:
+        ok(c)
+    final = Path(info["final_output_folder"])
+    assert final == (out_dir.parent / "final_pp" if best["postprocessing_steps"] else out_dir)
+    # nnU-Net's files: one segmentation per test case, dataset.json, plans.json (+ the postprocessing applied)
+    segs = sorted(p.name for p in final.glob("*.nii.gz"))
+    assert segs == sorted(p.name.replace("_0000.nii.gz", ".nii.gz") for p in (workflow["raw"] / "imagesTs").iterdir())
+    assert load_json(final / "dataset.json")["labels"] == load_json(workflow["raw"] / "dataset.json")["labels"]
+    assert "configurations" in load_json(final / "plans.json")
+    if best["postprocessing_steps"]:
+        assert load_json(final / "postprocessing.json")["postprocessing_kwargs"] == best["postprocessing_steps"]
+    seg, props = SimpleITKIO().read_seg(str(final / segs[0]))
+    img, _ = SimpleITKIO().read_images([str(workflow["raw"] / "imagesTs" / segs[0].replace(".nii.gz", "_0000.nii.gz"))])
+    assert seg.shape == img.shape and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_find_best_configuration_errors_name_the_fix(workflow, capsys):
+    rc, out = run_command(f"autossl_find_best_configuration {DATASET_ID} -c 3d_lowres --ssl none -p {PLANS}")
+    assert rc == 1 and "no trained model" in out and "autossl_train" in out
+    rc, out = run_command(f"autossl_find_best_configuration {DATASET_ID} -c 2d --ssl none ucmt -p {PLANS} --strict")
+    assert rc == 1 and "autosslTrainer_ucmt__autosslPlansCPU__2d is not trained" in out
+    rc, out = run_command(f"autossl_find_best_configuration {DATASET_ID} --ssl no_such_method")
+    assert rc == 2 and "no_such_method" in out and "entropy_min" in out

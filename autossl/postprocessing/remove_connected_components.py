@@ -135,7 +135,9 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
     """Postprocess every segmentation of ``input_folder`` into ``output_folder`` (same names).
 
     ``pp_file_or_steps``: postprocessing.json/.pkl or (fns, kwargs). dataset.json/plans.json
-    default to the input folder's (autossl_predict writes them) and are copied along."""
+    default to the input folder's (autossl_predict writes them) and are copied along; a
+    postprocessing file is written along too (postprocessing.json/.pkl, with ``applied_from``
+    naming it), so that the output folder says what was done to it."""
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if dataset_json is None:
         if not (input_folder / "dataset.json").is_file():
@@ -143,8 +145,8 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
         dataset_json = load_json(input_folder / "dataset.json")
     if plans is None and (input_folder / "plans.json").is_file():
         plans = load_json(input_folder / "plans.json")
-    fns, kwargs = (load_postprocessing(pp_file_or_steps) if isinstance(pp_file_or_steps, (str, os.PathLike))
-                   else pp_file_or_steps)
+    from_file = isinstance(pp_file_or_steps, (str, os.PathLike))
+    fns, kwargs = load_postprocessing(pp_file_or_steps) if from_file else pp_file_or_steps
     fe = dataset_json["file_ending"]
     files = sorted(f.name for f in input_folder.iterdir()
                    if f.is_file() and f.name.endswith(fe) and not f.name.startswith("."))
@@ -157,7 +159,15 @@ def apply_postprocessing_to_folder(input_folder: str | os.PathLike, output_folde
     with cf.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(_process_file, str(input_folder / f), str(output_folder / f), rw, fns, kwargs)
                    for f in files]
-        return [f.result() for f in tqdm(futures, desc="postprocessing", disable=not allow_tqdm)]
+        written = [f.result() for f in tqdm(futures, desc="postprocessing", disable=not allow_tqdm)]
+    source = Path(pp_file_or_steps).resolve() if from_file else None
+    if source is not None and source.parent != output_folder.resolve():  # never overwrite the decision itself
+        extra = {}
+        if source.suffix == ".json":  # keep what the decision recorded (Dice before/after, folders)
+            extra = {k: v for k, v in load_json(source).items()
+                     if k not in ("postprocessing_fns", "postprocessing_kwargs")}
+        save_postprocessing(output_folder, fns, kwargs, {**extra, "applied_from": str(source)})
+    return written
 
 
 # ---------------------------------------------------------------------------- deciding
