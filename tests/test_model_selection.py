@@ -116,3 +116,27 @@ def test_applied_postprocessing_is_recorded_in_the_output_folder(tmp_path):
     before = (decision / "postprocessing.json").read_text()
     apply_postprocessing_to_folder(pred, decision, decision / "postprocessing.json", num_processes=1, allow_tqdm=False)
     assert (decision / "postprocessing.json").read_text() == before
+
+
+def test_gathering_the_folds_drops_stale_cases_and_refuses_a_case_in_two_folds(tmp_path):
+    from autossl.evaluation.crossval import case_to_fold, gather_crossval_predictions
+
+    model = tmp_path / "autosslTrainer__P__2d"
+    for f, cases in ((0, ["a", "b"]), (1, ["c"])):
+        (model / f"fold_{f}" / "validation").mkdir(parents=True)
+        for c in cases:
+            (model / f"fold_{f}" / "validation" / f"{c}.png").write_bytes(c.encode())
+    (model / "dataset.json").write_text("{}")
+    old = model / "crossval_results_folds_0_1"
+    old.mkdir()
+    (old / "z.png").write_bytes(b"from another split")
+    (old / "notes.txt").write_text("kept")
+    out = gather_crossval_predictions(model, [0, 1], ".png")
+    assert out == old and sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png"]
+    assert (out / "c.png").read_bytes() == b"c" and (out / "notes.txt").is_file() and (out / "dataset.json").is_file()
+    assert case_to_fold(model, [0, 1], ".png") == {"a.png": 0, "b.png": 0, "c.png": 1}
+    (model / "fold_1" / "validation" / "a.png").write_bytes(b"a")
+    with pytest.raises(ValueError, match="a.png is a validation case of fold 0 and of fold 1"):
+        case_to_fold(model, [0, 1], ".png")
+    with pytest.raises(FileNotFoundError, match="fold_2/validation: no validation predictions"):
+        gather_crossval_predictions(model, [0, 1, 2], ".png")

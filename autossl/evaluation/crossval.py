@@ -55,6 +55,15 @@ def case_to_fold(model_folder: str | os.PathLike, folds: Sequence[int], file_end
     return out
 
 
+def remove_stale_segmentations(folder: Path, file_ending: str, keep: set[str]) -> list[str]:
+    """Delete the segmentations of ``folder`` (top level) that are not in ``keep``: a gathered
+    folder left from other folds or another split must not enter the new evaluation."""
+    stale = [p for p in folder.glob(f"*{file_ending}") if p.is_file() and p.name not in keep]
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
+
+
 def gather_crossval_predictions(model_folder: str | os.PathLike, folds: Sequence[int] | None, file_ending: str,
                                 output_folder: str | os.PathLike | None = None) -> Path:
     """Copy every fold's validation segmentations into ``crossval_results_folds_<folds>``
@@ -65,11 +74,12 @@ def gather_crossval_predictions(model_folder: str | os.PathLike, folds: Sequence
     if not folds:
         raise FileNotFoundError(f"{model_folder}: no fold_X/validation/ folder; train and validate folds first")
     out = Path(output_folder) if output_folder is not None else model_folder / crossval_folder_name(folds)
+    sources = [src for f in folds for src in _validation_files(model_folder, f, file_ending)]
     out.mkdir(parents=True, exist_ok=True)
-    for f in folds:
-        for src in _validation_files(model_folder, f, file_ending):
-            with atomic_path(out / src.name) as tmp:
-                shutil.copyfile(src, tmp)
+    remove_stale_segmentations(out, file_ending, {src.name for src in sources})
+    for src in sources:
+        with atomic_path(out / src.name) as tmp:
+            shutil.copyfile(src, tmp)
     for name in ("dataset.json", "plans.json"):
         if (model_folder / name).is_file():
             save_json(load_json(model_folder / name), out / name, sort_keys=False)

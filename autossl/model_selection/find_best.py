@@ -144,7 +144,7 @@ def _score_ensemble(models: Sequence[TrainedModel], folds: Sequence[int], gt: Pa
     """Average the members' validation probabilities fold by fold into the ensemble's folder and
     evaluate all folds together."""
     from autossl.ensembling.ensemble import ensemble_folders
-    from autossl.evaluation.crossval import case_to_fold, per_fold_dice
+    from autossl.evaluation.crossval import case_to_fold, per_fold_dice, remove_stale_segmentations
     from autossl.evaluation.evaluate import compute_metrics_on_folder_simple
 
     first = models[0]
@@ -158,6 +158,8 @@ def _score_ensemble(models: Sequence[TrainedModel], folds: Sequence[int], gt: Pa
                                       f"{list(folds)}: they were not trained on the same splits_final.json")
     identifier = ensemble_identifier(models, folds)
     out = paths.results_dir() / dataset_name / "ensembles" / identifier
+    if out.is_dir():  # an earlier run's cases must not enter this evaluation
+        remove_stale_segmentations(out, fe, set(assignment))
     for f in folds:
         ensemble_folders([m.folder / f"fold_{f}" / "validation" for m in models], out, False, num_processes,
                          dataset_json, plans, allow_tqdm=False)
