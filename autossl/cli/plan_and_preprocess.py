@@ -41,15 +41,16 @@ def _dataset_name(dataset: str | int) -> str:
         raise CLIError(str(e)) from None
 
 
-def verify(dataset: str | int, num_processes: int) -> None:
-    """Check the raw dataset; print warnings; raise CLIError listing every problem."""
+def verify(dataset: str | int, num_processes: int, allow_geometry_mismatch: bool = False) -> None:
+    """Check the raw dataset; print warnings; raise CLIError listing every problem.
+    ``allow_geometry_mismatch``: image/label origin or direction differences are warnings."""
     from autossl import paths
     from autossl.raw.integrity import integrity_report
 
     name = _dataset_name(dataset)
     folder = paths.raw_dir() / name
     print(f"Verifying the integrity of {folder}")
-    report = integrity_report(folder, num_processes)
+    report = integrity_report(folder, num_processes, allow_geometry_mismatch=allow_geometry_mismatch)
     for w in report.warnings:
         print(f"warning: {w}")
     if report.errors:
@@ -59,12 +60,12 @@ def verify(dataset: str | int, num_processes: int) -> None:
 
 
 def extract_fingerprint(dataset: str | int, num_processes: int, verify_integrity: bool = False,
-                        clean: bool = False) -> None:
+                        clean: bool = False, allow_geometry_mismatch: bool = False) -> None:
     from autossl.fingerprint.extractor import extract_fingerprint as _extract
 
     name = _dataset_name(dataset)
     if verify_integrity:
-        verify(name, num_processes)
+        verify(name, num_processes, allow_geometry_mismatch)
     print(f"Fingerprint extraction: {name}")
     _extract(name, num_processes=num_processes, overwrite=clean)
 
@@ -144,11 +145,19 @@ def _add_dataset(p: argparse.ArgumentParser) -> None:
                    help="dataset ID(s) or DatasetXXX_Name, e.g. -d 4")
 
 
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify_dataset_integrity", action="store_true",
+                   help="check the raw dataset first; list every problem and stop if there is one")
+    p.add_argument("--allow_geometry_mismatch", action="store_true",
+                   help="with --verify_dataset_integrity: report a label whose origin or direction differs from "
+                        "its image's as a warning instead of an error (only if you know that their voxel arrays "
+                        "correspond; otherwise the label lies mirrored or shifted against the image)")
+
+
 def _add_fingerprint(p: argparse.ArgumentParser) -> None:
     p.add_argument("-npfp", type=int, default=None, metavar="N",
                    help=f"processes for fingerprint extraction (default: -np, else {_default_np()})")
-    p.add_argument("--verify_dataset_integrity", action="store_true",
-                   help="check the raw dataset first; list every problem and stop if there is one")
+    _add_verify(p)
     p.add_argument("--clean", action="store_true", help="extract the fingerprint again even if it exists")
 
 
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     def go():
         for d in a.d:
             t0 = time.time()
-            extract_fingerprint(d, a.npfp or _np_first(a), a.verify_dataset_integrity, a.clean)
+            extract_fingerprint(d, a.npfp or _np_first(a), a.verify_dataset_integrity, a.clean,
+                                a.allow_geometry_mismatch)
             ident = plan_experiment(d, a.pl, a.gpu_memory_target, a.overwrite_plans_name)
             if not a.no_pp:
                 preprocess(d, ident, a.c, a.np, a.overwrite, a.verbose)
@@ -229,12 +239,11 @@ def extract_fingerprint_main(argv: list[str] | None = None) -> None:
                                 description="Extract the dataset fingerprint (spacings, shapes, intensities).")
     _add_dataset(p)
     p.add_argument("-np", type=int, default=None, metavar="N", help=f"processes (default: {_default_np()})")
-    p.add_argument("--verify_dataset_integrity", action="store_true",
-                   help="check the raw dataset first; list every problem and stop if there is one")
+    _add_verify(p)
     p.add_argument("--clean", action="store_true", help="extract the fingerprint again even if it exists")
     a = p.parse_args(argv)
-    _run(p.prog, lambda: [extract_fingerprint(d, a.np or _default_np(), a.verify_dataset_integrity, a.clean)
-                          for d in a.d], argv)
+    _run(p.prog, lambda: [extract_fingerprint(d, a.np or _default_np(), a.verify_dataset_integrity, a.clean,
+                                              a.allow_geometry_mismatch) for d in a.d], argv)
 
 
 def plan_experiment_main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry
+from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry, damaged_file_error
 from autossl.utilities.file_io import atomic_path
 
 
@@ -18,6 +18,9 @@ class NibabelIO(BaseReaderWriter):
             img = nib.load(str(f))
             arr = np.asanyarray(img.dataobj)
         except Exception as e:  # nibabel raises many types
+            damaged = damaged_file_error(str(f))
+            if damaged is not None:
+                raise damaged from None
             raise ImageReadError(f"{f}: cannot be read ({e})") from None
         if arr.ndim != 3:
             raise ImageReadError(f"{f}: expected a 3D image, got {arr.ndim}D")

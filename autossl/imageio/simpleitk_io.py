@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry
+from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry, damaged_file_error
 from autossl.utilities.file_io import atomic_path
 
 
@@ -17,6 +17,9 @@ class SimpleITKIO(BaseReaderWriter):
         try:
             img = sitk.ReadImage(str(f))
         except RuntimeError as e:
+            damaged = damaged_file_error(str(f))
+            if damaged is not None:
+                raise damaged from None
             first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
             raise ImageReadError(f"{f}: cannot be read ({first})") from None
         arr = sitk.GetArrayFromImage(img)  # z, y, x

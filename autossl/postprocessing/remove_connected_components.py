@@ -90,7 +90,8 @@ def load_postprocessing(file: str | os.PathLike) -> tuple[list[Callable], list[d
     if not file.is_file():
         raise FileNotFoundError(f"postprocessing file {file} does not exist")
     if file.suffix == ".pkl":
-        fns, kwargs = load_pickle(file)
+        # nnU-Net's format names its functions: only the known ones are accepted, by name (never imported)
+        fns, kwargs = load_pickle(file, functions=POSTPROCESSING_FUNCTIONS)
         return list(fns), [dict(k) for k in kwargs]
     d = load_json(file)
     fns, kwargs = [], []

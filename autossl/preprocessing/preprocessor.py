@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from autossl.imageio.base import ImageReadError
 from autossl.preprocessing import storage
 from autossl.preprocessing.resampling import compute_new_shape, get_resampling_function
 from autossl.utilities.file_io import atomic_path, load_json, save_json
@@ -255,6 +256,29 @@ def _reader(dataset_json: dict, plans_manager=None):
         return reader_writer_class(dataset_json["file_ending"], dataset_json.get("overwrite_image_reader_writer"))()
 
 
+def read_case(rw, image_files: Sequence[str], seg_file: str | None = None):
+    """Read a case with the reader ``rw`` after checking its NIfTI files' own bytes; returns
+    (data, seg or None, properties).
+
+    SimpleITK reads a truncated ``.nii.gz`` without an error (the missing voxels become 0) and
+    NaN/inf voxels of NIfTI files as 0, so each NIfTI file is decompressed once and checked first
+    (``autossl.imageio.file_check``); the arrays the reader returns (any format) must be finite
+    too. A problem raises ``ImageFileError`` naming the file and what is wrong."""
+    from autossl.imageio.file_check import ImageFileError, nonfinite_problems, raise_for_files
+
+    image_files = [str(f) for f in image_files]
+    raise_for_files(image_files, [str(seg_file)] if seg_file is not None else [])
+    data, properties = rw.read_images(image_files)
+    problems = nonfinite_problems(data, image_files)
+    seg = None
+    if seg_file is not None:
+        seg = rw.read_seg(str(seg_file))[0]
+        problems += nonfinite_problems(seg, [str(seg_file)], "label")
+    if problems:
+        raise ImageFileError("\n".join(problems))
+    return data, seg, properties
+
+
 class DefaultPreprocessor:
     """nnU-Net v2's preprocessor: ``run_case`` for one case, ``run`` for a whole dataset."""
 
@@ -275,8 +299,7 @@ class DefaultPreprocessor:
         if isinstance(dataset_json, (str, os.PathLike)):
             dataset_json = load_json(dataset_json)
         rw = _reader(dataset_json, plans_manager)
-        data, properties = rw.read_images(list(image_files))
-        seg = rw.read_seg(seg_file)[0] if seg_file is not None else None
+        data, seg, properties = read_case(rw, image_files, seg_file)
         data, seg = self.run_case_npy(data, seg, properties, plans_manager, configuration_manager, dataset_json)
         return data, seg, properties
 
@@ -311,8 +334,7 @@ def _process_case(job: tuple) -> str:
     case, images, label, outputs, dataset_json, gt_folder, overwrite = job
     try:
         rw = _reader(dataset_json)
-        data, props = rw.read_images(list(images))
-        seg = rw.read_seg(label)[0] if label is not None else None
+        data, seg, props = read_case(rw, images, label)
         done: dict[tuple, tuple] = {}
         for out in outputs:
             key = out.recipe.case_key(props["spacing"])
@@ -324,6 +346,8 @@ def _process_case(job: tuple) -> str:
             storage.save_case(out.folder, case, d, s, p, out.patch_size)
         if label is not None and gt_folder is not None:
             _copy_atomic(label, Path(gt_folder) / f"{case}{dataset_json['file_ending']}", force=overwrite)
+    except ImageReadError as e:  # the message names the file and what is wrong with it
+        raise PreprocessingError(f"case {case}: {e}") from None
     except Exception as e:
         files = ", ".join([*images, *([label] if label else [])])
         raise PreprocessingError(f"case {case} ({files}): {type(e).__name__}: {e}") from None

@@ -2,10 +2,14 @@
 
 Errors (the dataset cannot be used as it is): dataset.json missing/invalid, file names without a
 channel ID, missing or unlisted channels, a case in imagesTr without a label, labels without
-images, ``numTraining`` mismatch, unreadable files, image/label shape or spacing mismatch,
-NaN/inf in an image, label values that dataset.json does not list.
-Warnings (like nnU-Net v2, training still works): image/label origin, direction or affine differ.
-Unlabelled images (``imagesTrUnlabeled``) are checked for readability, channels and NaN/inf.
+images, ``numTraining`` mismatch, a truncated or corrupt ``.nii.gz``/``.nii`` (checked on the
+file's own bytes, see ``autossl.imageio.file_check``), unreadable files, NaN/inf in an image or
+label (in NIfTI files from the file's bytes: SimpleITK reads them as 0), image/label shape or
+spacing mismatch, image/label origin or direction mismatch (the label would lie mirrored or
+shifted against its image in world coordinates), label values that dataset.json does not list.
+Warnings: origin/direction mismatches with ``allow_geometry_mismatch=True``
+(``--allow_geometry_mismatch``; nnU-Net v2 always only warns).
+Unlabelled images (``imagesTrUnlabeled``) are checked for damage, readability, channels and NaN/inf.
 Every line starts with the file it is about; nothing raises.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autossl.imageio.base import ImageReadError
+from autossl.imageio.file_check import check_files, nonfinite_problems
 from autossl.imageio.registry import reader_writer_class
 from autossl.raw.dataset import DatasetError, RawDataset, label_values, validate_dataset_json
 from autossl.utilities.file_io import load_json
@@ -133,60 +138,102 @@ def _structure(folder: Path, dj: dict, report: IntegrityReport):
     return labeled, unlabeled
 
 
-def _finite_problems(data: np.ndarray, files: list[str]) -> list[str]:
-    out = []
-    for c in range(data.shape[0]):
-        ch = data[c]
-        if not np.isfinite(ch).all():
-            n_nan, n_inf = int(np.isnan(ch).sum()), int(np.isinf(ch).sum())
-            what = ", ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if s)
-            out.append(f"{files[c]}: image contains {what} value(s)")
-    return out
-
-
-def _geometry(props: dict) -> dict:
+def _world_geometry(props: dict):
+    """(origin, unit axis directions as columns, spacing) of the voxel grid, or None (e.g. PNG)."""
     st = props.get("sitk_stuff")
-    if st:
-        return {"origin": st.get("origin"), "direction": st.get("direction")}
+    if st and st.get("direction") is not None and st.get("origin") is not None:
+        n = len(st["origin"])
+        return (np.asarray(st["origin"], float), np.asarray(st["direction"], float).reshape(n, n),
+                np.asarray(st["spacing"], float))
     nb = props.get("nibabel_stuff")
-    if nb:
-        return {"affine": nb.get("original_affine")}
-    return {}
+    if nb and nb.get("original_affine") is not None:
+        a = np.asarray(nb["original_affine"], float)
+        m = a[:3, :3]
+        spacing = np.linalg.norm(m, axis=0)
+        return a[:3, 3], m / np.where(spacing > 0, spacing, 1), spacing
+    return None
+
+
+_AXES = "xyz"
+GEOMETRY_HINT = ("autossl, like nnU-Net, trains on the voxel arrays and ignores this geometry, so one of the two "
+                 "files is wrong: if the label is right in world coordinates, its voxels {what} and training "
+                 "would learn {where}; if the voxel arrays do correspond, the label's header is wrong. "
+                 "Resample the label onto the image grid or give it the image's geometry, or pass "
+                 "--allow_geometry_mismatch to accept it (then a warning)")
+
+
+def _fmt(v) -> str:
+    return str(np.round(np.asarray(v, float), 4).tolist())
+
+
+def geometry_problems(label: str, image: str, img_props: dict, seg_props: dict) -> list[str]:
+    """Lines for a label whose origin or direction differs from its image's, saying what it means."""
+    gi, gs = _world_geometry(img_props), _world_geometry(seg_props)
+    if gi is None or gs is None or gi[0].shape != gs[0].shape:
+        return []
+    (oi, di, si), (os_, ds, _) = gi, gs
+    out = []
+    if not np.allclose(di, ds, atol=1e-4):
+        cos = np.sum(di * ds, axis=0)  # per voxel axis: cosine between the two directions
+        mirrored = [_AXES[j] if j < 3 else str(j) for j in range(len(cos)) if cos[j] < -1 + 1e-3]
+        if mirrored and all(c > 1 - 1e-3 or c < -1 + 1e-3 for c in cos):
+            meaning = (f"in world coordinates the label is mirrored along the {' and '.join(mirrored)} axis of the "
+                       f"voxel grid against the image")
+            what, where = "mark the mirror image of the structures", "the wrong side"
+        else:
+            meaning = "in world coordinates the label's voxel grid is rotated or its axes are swapped against the image"
+            what, where = "mark structures at other places", "the wrong places"
+        out.append(f"{label}: label direction {_fmt(ds.ravel())} differs from image direction {_fmt(di.ravel())} "
+                   f"({image}): {meaning}. " + GEOMETRY_HINT.format(what=what, where=where))
+    tol = max(1e-4, 1e-2 * float(np.min(si))) if si.size else 1e-4
+    shift = os_ - oi
+    if np.any(np.abs(shift) > tol):
+        try:
+            vox = np.linalg.solve(di * si[None, :], shift)
+            in_voxels = f" ({_fmt(vox)} voxels along the image's axes)"
+        except np.linalg.LinAlgError:
+            in_voxels = ""
+        out.append(f"{label}: label origin {_fmt(os_)} differs from image origin {_fmt(oi)} ({image}) by "
+                   f"{_fmt(shift)} mm{in_voxels}: in world coordinates the label lies shifted against the image. "
+                   + GEOMETRY_HINT.format(what="are offset from the structures they mark", where="the wrong voxels"))
+    return out
 
 
 def _check_case(args) -> tuple[list[str], list[str]]:
     """Check one case; returns (errors, warnings). Never raises."""
-    case, images, label, file_ending, reader_name, expected_labels = args
+    case, images, label, file_ending, reader_name, expected_labels, allow_geometry_mismatch = args
     errors: list[str] = []
     warnings: list[str] = []
     try:
+        # the files' own bytes first: SimpleITK reads a truncated .nii.gz without an error and NaN/inf as 0
+        checks = check_files(images, [label] if label is not None else [])
+        for c in checks:
+            errors += c.problems
+        if any(c.damaged for c in checks):
+            return errors, warnings  # nothing read from a damaged file can be trusted
+        reported = {c.path for c in checks if c.nonfinite}
         rw = reader_writer_class(file_ending, reader_name)()
         try:
             data, props = rw.read_images(images)
         except ImageReadError as e:
-            return [str(e)], []
-        errors += _finite_problems(data, images)
+            return errors + [str(e)], warnings
+        errors += nonfinite_problems(data, images, skip=reported)
         if label is None:
             return errors, warnings
         try:
             seg, seg_props = rw.read_seg(label)
         except ImageReadError as e:
             return errors + [str(e)], warnings
+        errors += nonfinite_problems(seg, [label], "label", skip=reported)
         if tuple(seg.shape[1:]) != tuple(data.shape[1:]):
             errors.append(f"{label}: label shape {tuple(seg.shape[1:])} differs from image shape "
                           f"{tuple(data.shape[1:])} ({images[0]})")
         if not np.allclose(seg_props["spacing"], props["spacing"], rtol=1e-3, atol=1e-5):
             errors.append(f"{label}: label spacing {tuple(round(float(s), 6) for s in seg_props['spacing'])} differs "
                           f"from image spacing {tuple(round(float(s), 6) for s in props['spacing'])} ({images[0]})")
-        gi, gs = _geometry(props), _geometry(seg_props)
-        for key in gi:
-            a, b = gi[key], gs.get(key)
-            if a is not None and b is not None and not np.allclose(np.asarray(a, float), np.asarray(b, float),
-                                                                   atol=1e-4):
-                warnings.append(f"{label}: label {key} {np.round(np.asarray(b, float), 4).tolist()} differs from "
-                                f"image {key} {np.round(np.asarray(a, float), 4).tolist()} ({images[0]}); "
-                                f"check that image and label belong together")
-        found = np.unique(seg)
+        geometry = geometry_problems(label, images[0], props, seg_props)
+        (warnings if allow_geometry_mismatch else errors).extend(geometry)
+        found = np.unique(seg[np.isfinite(seg)] if seg.dtype.kind == "f" else seg)
         unexpected = [v for v in found.tolist() if v not in expected_labels]
         if unexpected:
             shown = [int(v) if float(v).is_integer() else float(v) for v in unexpected]
@@ -202,8 +249,10 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods and os.name == "posix" else "spawn")
 
 
-def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, progress: bool = True) -> IntegrityReport:
-    """Check a raw dataset; see the module docstring for what counts as an error or a warning."""
+def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, progress: bool = True,
+                     allow_geometry_mismatch: bool = False) -> IntegrityReport:
+    """Check a raw dataset; see the module docstring for what counts as an error or a warning.
+    ``allow_geometry_mismatch`` turns image/label origin and direction differences into warnings."""
     folder = Path(raw_folder)
     report = IntegrityReport()
     if not folder.is_dir():
@@ -239,8 +288,9 @@ def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, prog
         except DatasetError as e:
             report.errors.extend(str(e).splitlines())
     expected = set(label_values(dj))
-    jobs = [(c, d["images"], d["label"], dj["file_ending"], reader_name, expected) for c, d in labeled.items()]
-    jobs += [(c, imgs, None, dj["file_ending"], reader_name, expected) for c, imgs in unlabeled.items()]
+    allow = bool(allow_geometry_mismatch)
+    jobs = [(c, d["images"], d["label"], dj["file_ending"], reader_name, expected, allow) for c, d in labeled.items()]
+    jobs += [(c, imgs, None, dj["file_ending"], reader_name, expected, allow) for c, imgs in unlabeled.items()]
     results = []
     if num_processes > 1 and len(jobs) > 1:
         with _pool_context().Pool(min(num_processes, len(jobs))) as pool:
@@ -255,6 +305,7 @@ def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, prog
     return report
 
 
-def verify_dataset_integrity(raw_folder: str | os.PathLike, num_processes: int = 2) -> list[str]:
+def verify_dataset_integrity(raw_folder: str | os.PathLike, num_processes: int = 2,
+                             allow_geometry_mismatch: bool = False) -> list[str]:
     """Errors found in a raw dataset, one line each (empty when the dataset is usable)."""
-    return integrity_report(raw_folder, num_processes).errors
+    return integrity_report(raw_folder, num_processes, allow_geometry_mismatch=allow_geometry_mismatch).errors

@@ -1,6 +1,10 @@
-"""Atomic writes: a killed process never leaves a half-written file under its final name."""
+"""Atomic writes: a killed process never leaves a half-written file under its final name.
+
+Reading: ``.pkl`` files only as plain data (``load_pickle``), model files only as tensors and
+plain data (``load_torch_safely``): nothing named in a file is imported or run."""
 from __future__ import annotations
 
+import _compat_pickle
 import json
 import os
 import pickle
@@ -69,9 +73,53 @@ def save_pickle(obj: Any, path: str | os.PathLike) -> None:
             pickle.dump(obj, f)
 
 
-def load_pickle(path: str | os.PathLike) -> Any:
+class UnsafePickleError(ValueError):
+    """A ``.pkl`` file that holds more than plain data (a class, a function, ...)."""
+
+
+#: what a ``.pkl`` file may name: containers and scalars, and what numpy arrays, dtypes and
+#: scalars pickle as (numpy 1.x ``numpy.core``, 2.x ``numpy._core``). Nothing else is imported.
+_SAFE_GLOBALS = {
+    ("builtins", n) for n in ("set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool",
+                              "str", "bytes", "bytearray", "slice", "range")
+} | {("collections", "OrderedDict"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype")} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+} | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any other global (a class, a function) is refused, never imported."""
+
+    def __init__(self, f, path, functions: dict[str, Any]):
+        super().__init__(f)
+        self._path = path
+        self._functions = functions
+
+    def find_class(self, module: str, name: str):
+        # Python 2 names (protocols 0-2), mapped as ``pickle`` maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if name in self._functions:  # e.g. postprocessing.pkl: a known function, by name only
+            return self._functions[name]
+        raise UnsafePickleError(
+            f"{self._path}: refusing to load {module}.{name} from this pickle file; autossl reads .pkl files as "
+            f"plain data only (numbers, strings, lists, dicts, numpy arrays) and never imports or runs code "
+            f"named in one")
+
+
+def load_pickle(path: str | os.PathLike, functions: dict[str, Any] | None = None) -> Any:
+    """Read a ``.pkl`` file as plain data (see ``_SAFE_GLOBALS``); ``functions`` maps the names of
+    functions the file may reference (from any module) to the objects to use instead. Anything else
+    named in the file raises ``UnsafePickleError``: nothing in the file is imported or executed."""
     with open(path, "rb") as f:
-        return pickle.load(f)
+        try:
+            return _PlainDataUnpickler(f, path, dict(functions or {})).load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # truncated or not a pickle at all
+            raise UnsafePickleError(f"{path}: not a readable pickle file ({type(e).__name__}: {e})") from None
 
 
 class UnsafeCheckpointError(ValueError):
