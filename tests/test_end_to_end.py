@@ -210,3 +210,6 @@ def test_find_best_configuration_errors_name_the_fix(workflow, capsys):
     assert rc == 1 and "autosslTrainer_ucmt__autosslPlansCPU__2d is not trained" in out
     rc, out = run_command(f"autossl_find_best_configuration {DATASET_ID} --ssl no_such_method")
     assert rc == 2 and "no_such_method" in out and "entropy_min" in out
+    # defaults: every trained configuration x method, the untrained ones left out quietly
+    out = ok(f"autossl_find_best_configuration {DATASET_ID} -p {PLANS} --disable_ensembling -np 1")
+    assert "4 trained model(s)" in out and "left out" not in out and len(_table_rows(out)) == 4

@@ -18,10 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autossl_find_best_configuration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="dataset ID or DatasetXXX_Name")
-    p.add_argument("-c", nargs="+", default=list(DEFAULT_CONFIGURATIONS), metavar="CONFIG",
+    p.add_argument("-c", nargs="+", default=None, metavar="CONFIG",
                    help=f"configurations (default: {' '.join(DEFAULT_CONFIGURATIONS)}, those trained)")
     p.add_argument("--ssl", nargs="+", default=None, metavar="METHOD",
-                   help="semi-supervised methods, e.g. none ucmt (default: every method with a trained model)")
+                   help="semi-supervised methods, e.g. none ucmt (default: every method with a trained model; "
+                        "with -c and --ssl both given, a combination that is not trained is named)")
     p.add_argument("-p", nargs="+", default=["autosslPlans"], metavar="PLANS",
                    help="plans identifiers (default autosslPlans)")
     p.add_argument("--network", nargs="+", default=["cnn"], choices=("cnn", "transformer"),

@@ -263,7 +263,7 @@ def find_models(dataset_name: str, configurations: Sequence[str], methods: Seque
     return found
 
 
-def find_best_configuration(dataset: str | int, configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
+def find_best_configuration(dataset: str | int, configurations: Sequence[str] | None = None,
                             methods: Sequence[str] | None = None, plans: Sequence[str] = ("autosslPlans",),
                             networks: Sequence[str] = ("cnn",), folds: Sequence[int] | None = None,
                             allow_ensembling: bool = True, num_processes: int = 2, strict: bool = False,
@@ -271,14 +271,17 @@ def find_best_configuration(dataset: str | int, configurations: Sequence[str] = 
                             log: Callable[[str], None] = print) -> dict:
     """See the module docstring; returns the content of ``inference_information.json``.
 
-    ``methods`` None: every registered method (those without a model folder are left out
-    quietly; explicitly requested ones are reported). ``strict``: a requested model that is not
-    trained, or lacks folds or (for ensembles) probabilities, is an error instead of being left out."""
+    ``configurations`` None: ``DEFAULT_CONFIGURATIONS``; ``methods`` None: every registered
+    method. Combinations without a model folder are left out quietly, unless both the
+    configuration and the method were asked for (then they are reported). ``strict``: a reported
+    model, or one that lacks folds or (for ensembles) probabilities, is an error instead of being
+    left out."""
     from autossl.postprocessing.remove_connected_components import (POSTPROCESSING_JSON, POSTPROCESSING_PKL,
                                                                     determine_postprocessing)
     from autossl.utilities.dataset_name import find_dataset_name
 
-    explicit = methods is not None
+    explicit = methods is not None and configurations is not None
+    configurations = list(DEFAULT_CONFIGURATIONS) if configurations is None else list(configurations)
     if methods is None:
         from autossl.ssl.registry import available_methods
 
