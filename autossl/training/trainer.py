@@ -15,6 +15,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -36,7 +38,7 @@ from autossl.training import ddp
 from autossl.training.augmentation.pipelines import (augmentation_geometry, training_transforms,
                                                      validation_transforms, weak_transforms)
 from autossl.training import pseudo_labels
-from autossl.training.errors import TrainingError
+from autossl.training.errors import TrainingError, TrainingInterrupted
 from autossl.training.budget import BudgetPlan, parse_budget
 from autossl.training.budget_fit import apply_budget
 from autossl.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
@@ -293,6 +295,7 @@ class Trainer:
         self._initialized = False
         self._t_start = time.time()
         self._last_plot = (0.0, 0.0)  # (when, how long it took)
+        self._stop_signal: int | None = None  # SIGTERM/SIGINT received during train()
         self.tr_keys: list[str] = []
         self.val_keys: list[str] = []
         self.unlabeled_keys: list[str] = []
@@ -685,8 +688,15 @@ class Trainer:
             self._do_split()
             self._on_train_start()
             self.method.setup(self.ctx)  # after the loaders exist: a resumed method may hand pseudo-labels back
-            self.train()
+            with self._stop_on_signals():
+                self.train()
             self._on_train_end()
+            if self._stop_signal is not None:  # the signal came during the last epoch: training is done
+                name = signal.Signals(self._stop_signal).name
+                msg = (f"{name} received: training finished ({self.output_folder / 'checkpoint_final.pth'} "
+                       f"written); the final validation is left to --c")
+                self.logger.print(msg)
+                raise TrainingInterrupted(self._stop_signal, msg)
             if self.fold != "all":
                 self.perform_final_validation()
         finally:
@@ -748,6 +758,54 @@ class Trainer:
         }
         save_json(info, self.output_folder / "debug.json")
 
+    # ================================================================== SIGTERM / SIGINT
+    @contextmanager
+    def _stop_on_signals(self):
+        """During ``train()``: SIGTERM and SIGINT ask the step loop to stop after the current step
+        (``_stop_if_asked``) instead of killing the process mid-step. A second signal acts as usual
+        (the first one restores the previous handlers). Not under DDP, where every rank would have
+        to stop at the same step, nor outside the main thread (Python handles signals there only)."""
+        if self.dist.is_ddp or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self._stop_signal = None
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_if_asked(self, save: bool = True) -> None:
+        """Between two steps, after SIGTERM/SIGINT: write checkpoint_latest at this step (atomic,
+        so the previous one stays whole until the new one is complete), stop the loader workers and
+        raise ``TrainingInterrupted``. ``save=False`` keeps the last checkpoint as it is (the signal
+        came between the last step of an epoch and its validation and logging)."""
+        signum = self._stop_signal
+        if signum is None:
+            return
+        name = signal.Signals(signum).name
+        latest = self.output_folder / "checkpoint_latest.pth"
+        if save and not self._budget_decided:
+            save = False  # the budget has not measured the speed yet: nothing of this run is worth resuming
+        if save and self.current_step > 0:
+            self.save_checkpoint(latest)
+            what = f"{latest} written at step {self.current_step}/{self.total_steps}"
+        else:
+            what = (f"the last checkpoint ({latest}) is kept" if latest.is_file()
+                    else "no checkpoint written")
+        self._stop_loaders()
+        msg = f"{name} received: training stopped after step {self.current_step}; {what}; continue with --c"
+        self.logger.print(msg)
+        raise TrainingInterrupted(signum, msg)
+
     def _round_boundaries(self) -> list[int]:
         return round_boundaries(self.total_steps, self.rounds)
 
@@ -766,12 +824,17 @@ class Trainer:
             losses: list[float] = []
             it = self.current_step - epoch * self.iterations_per_epoch
             while it < self.iterations_per_epoch and self.current_step < self.total_steps:
+                self._stop_if_asked()
                 t_it = time.time()
                 warm = self._in_warmup()
                 if not warm and self.warmup_steps > 0 and not self._warmup_done:
                     self._end_warmup()
-                lab = next(self._streams["train"])
-                unl = next(self._streams["unlabeled"]) if "unlabeled" in self._streams and not warm else None
+                try:
+                    lab = next(self._streams["train"])
+                    unl = next(self._streams["unlabeled"]) if "unlabeled" in self._streams and not warm else None
+                except Exception:  # e.g. workers killed by the same signal: nothing of this step happened yet
+                    self._stop_if_asked()
+                    raise
                 losses.append(self._train_iteration(lab, unl, warm))
                 it += 1
                 steps_this_session += 1
@@ -787,7 +850,11 @@ class Trainer:
                 # during the warm start an EMA teacher is its student: validation, checkpoints
                 # and snapshots then show the network being trained, not its initialisation
                 self._copy_sources()
-            val_loss, dice = self._validate_epoch()
+            try:
+                val_loss, dice = self._validate_epoch()
+            except Exception:
+                self._stop_if_asked(save=False)  # the epoch cannot be logged: keep the last checkpoint
+                raise
             self._end_epoch(epoch, epoch_start, losses, val_loss, dice, lrs, epoch_times)
 
     def _train_iteration(self, lab: dict, unl: dict | None, warmup: bool = False) -> float:
