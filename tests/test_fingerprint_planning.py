@@ -478,6 +478,8 @@ def test_cpu_2d_plan_trades_slice_for_batch(env):
     assert cpu["batch_size"] >= CPUPlanner.UNet_shrink_until_batch_size_2d == 12
     assert cpu["patch_size"][0] < 256 and cpu["patch_size"][1] < 224
     assert cpu["transformer_architecture"]["arch_kwargs"]["input_shape"] == cpu["patch_size"]
+    assert cpu["optimizer"] == {"cnn": {"kind": "adamw", "lr": 1e-3, "weight_decay": 1e-4}}
+    assert "optimizer" not in default  # the default plans keep nnU-Net's SGD
 
     class Nnunet2dRule(CPUPlanner):
         UNet_shrink_until_batch_size_2d = 2

@@ -495,3 +495,34 @@ def test_pseudo_dice_counts_and_ignore_label_sampling(ds3d):
     assert [a + p // 2 for a, p in zip(lbs, (8, 16, 16))] == [10, 12, 14]
     lbs, _ = loader.get_bbox((16, 20, 20), True, locs)  # forced, no foreground: annotated voxels
     assert [a + p // 2 for a, p in zip(lbs, (8, 16, 16))] == [10, 12, 14]
+
+
+def test_plans_optimizer_entry_sets_the_cnn_optimizer(ds2d):
+    """A configuration's "optimizer" entry (the CPU plans' 2D AdamW) replaces the CNN's SGD, its lr
+    drives the schedule, and a malformed entry is an error naming the plans file."""
+    from autossl.training.errors import TrainingError
+
+    plans_file = ds2d["preprocessed"] / f"{TINY}.json"
+    original = load_json(plans_file)
+    try:
+        plans = load_json(plans_file)
+        plans["configurations"]["2d"]["optimizer"] = {"cnn": {"kind": "adamw", "lr": 1e-3, "weight_decay": 1e-4}}
+        save_json(plans, plans_file)
+        t = _trainer(ds2d)
+        t.initialize()
+        opt = t.optimizers["student"]
+        assert isinstance(opt, torch.optim.AdamW)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3) and opt.param_groups[0]["weight_decay"] == 1e-4
+        assert t.schedulers["student"].lr_at(t.total_steps // 2) < 1e-3
+        save_json(original, plans_file)  # without the entry: nnU-Net's SGD
+        default = _trainer(ds2d, fold=1)
+        default.initialize()
+        assert isinstance(default.optimizers["student"], torch.optim.SGD)
+        assert default.optimizers["student"].param_groups[0]["lr"] == pytest.approx(1e-2)
+        plans["configurations"]["2d"]["optimizer"] = {"cnn": {"kind": "adam", "lr": 1e-3}}
+        save_json(plans, plans_file)
+        with pytest.raises(TrainingError, match=r"optimizer\.cnn.*invalid") as e:
+            _trainer(ds2d)
+        assert str(plans_file) in str(e.value)
+    finally:
+        save_json(original, plans_file)

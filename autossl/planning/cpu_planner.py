@@ -12,7 +12,14 @@ configurations), with a compute budget instead of a GPU memory budget:
   iterations are too few samples to learn from. On ACDC (A2D, 70 patients, 1000 iterations) the
   full-slice plan (256x224, batch 3) reached 46.7 mean Dice and predicted nothing for its first
   500 iterations; 128x128 patches in batches of 12, at the same cost per step, reached 73.4;
-- the smallest transformers (presets XT / T).
+- the smallest transformers (presets XT / T);
+- 2D U-Nets train with AdamW (lr 1e-3, weight decay 1e-4; nnU-Net's Adam trainer variant at
+  lr 1e-3) instead of SGD, written into the configuration as ``"optimizer"``: in a
+  1000-iteration run SGD at nnU-Net's settings predicts only background for hundreds of
+  iterations (ACDC, 3 labelled patients: the myocardium's training Dice was still 0 at
+  iteration 500), AdamW segments every class from iteration 150 and ends with half the training
+  loss (0.39 against 0.66). A semi-supervised method's warm start then hands over a network that
+  has learnt its labelled cases. 3D keeps nnU-Net's SGD (measured on Hippocampus with it).
 
 The numbers were chosen so that the H3D benchmark (Hippocampus 3d_fullres, 1000 steps + 60 test
 cases) fits in 15 minutes on 2 CPU cores with semi-supervised methods that run two or three
@@ -42,9 +49,20 @@ class CPUPlanner(ExperimentPlanner):
     UNet_max_batch_size_2d = 16
     UNet_shrink_until_batch_size_2d = 12
 
+    #: the 2D U-Net's optimiser (see the module docstring); read by autossl.training.optim
+    UNet_optimizer_2d = {"kind": "adamw", "lr": 1e-3, "weight_decay": 1e-4}
+
     transformer_min_preset = "XT"
     transformer_max_preset = "T"
     transformer_memory_budget_gb = 4.0
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
+                                    approximate_n_voxels_dataset: float) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset)
+        if len(spacing) == 2:
+            plan["optimizer"] = {"cnn": dict(self.UNet_optimizer_2d)}
+        return plan
 
     def base_num_features(self, dim: int) -> int:
         return self.UNet_base_num_features_3d if dim == 3 else self.UNet_base_num_features

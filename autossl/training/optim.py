@@ -6,6 +6,10 @@
 * transformer networks: AdamW, lr 3e-4, weight decay 5e-2, betas (0.9, 0.98) (nnU-Net's Primus
   trainers), linear warm-up over the first ``TRANSFORMER_WARMUP_FRACTION`` (5 %) of the steps,
   then poly decay over the rest.
+
+A configuration of the plans may replace these per network kind with an ``"optimizer"`` entry,
+``{"cnn": {"kind": "adamw", "lr": 1e-3, "weight_decay": 1e-4}}`` (plans as data: the CPU plans
+use it for 2D, see documentation/planning.md). Keys left out keep the defaults above.
 """
 from __future__ import annotations
 
@@ -29,12 +33,40 @@ CONFIGS = {
     "cnn": OptimizerConfig("sgd", 1e-2, 3e-5, 0.0),
     "transformer": OptimizerConfig("adamw", 3e-4, 5e-2, TRANSFORMER_WARMUP_FRACTION),
 }
+KINDS = ("sgd", "adamw")
 
 
-def build_optimizer(network: nn.Module, arch: str) -> torch.optim.Optimizer:
-    if arch not in CONFIGS:
-        raise ValueError(f"unknown network arch {arch!r}; expected one of {sorted(CONFIGS)}")
-    cfg = CONFIGS[arch]
+def optimizer_configs(entry: dict | None, where: str = "plans") -> dict[str, OptimizerConfig]:
+    """The defaults, updated by a configuration's ``"optimizer"`` entry (validated: a wrong kind,
+    key or value is an error that says where it is, not a silent default)."""
+    configs = dict(CONFIGS)
+    if entry is None:
+        return configs
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: 'optimizer' must be a mapping of network kind to settings, got {entry!r}")
+    for arch, settings in entry.items():
+        if arch not in CONFIGS:
+            raise ValueError(f"{where}: 'optimizer' names unknown network kind {arch!r}; expected {sorted(CONFIGS)}")
+        unknown = set(settings) - {"kind", "lr", "weight_decay", "warmup_fraction"}
+        if unknown:
+            raise ValueError(f"{where}: 'optimizer.{arch}' has unknown keys {sorted(unknown)}")
+        base = CONFIGS[arch]
+        cfg = OptimizerConfig(str(settings.get("kind", base.kind)), float(settings.get("lr", base.lr)),
+                              float(settings.get("weight_decay", base.weight_decay)),
+                              float(settings.get("warmup_fraction", base.warmup_fraction)))
+        if cfg.kind not in KINDS or not cfg.lr > 0 or cfg.weight_decay < 0 or not 0 <= cfg.warmup_fraction < 1:
+            raise ValueError(f"{where}: 'optimizer.{arch}' = {settings!r} is invalid (kind in {KINDS}, lr > 0, "
+                             f"weight_decay >= 0, 0 <= warmup_fraction < 1)")
+        configs[arch] = cfg
+    return configs
+
+
+def build_optimizer(network: nn.Module, arch: str,
+                    configs: dict[str, OptimizerConfig] | None = None) -> torch.optim.Optimizer:
+    configs = CONFIGS if configs is None else configs
+    if arch not in configs:
+        raise ValueError(f"unknown network arch {arch!r}; expected one of {sorted(configs)}")
+    cfg = configs[arch]
     params = [p for p in network.parameters() if p.requires_grad]
     if cfg.kind == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.99, nesterov=True)
@@ -121,8 +153,8 @@ class PolyWarmupSchedule:
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, arch: str, total_steps: int,
-                   cycles: int = 1) -> PolyWarmupSchedule:
-    cfg = CONFIGS[arch]
+                   cycles: int = 1, configs: dict[str, OptimizerConfig] | None = None) -> PolyWarmupSchedule:
+    cfg = (CONFIGS if configs is None else configs)[arch]
     return PolyWarmupSchedule(optimizer, cfg.lr, total_steps, cfg.warmup_fraction, cycles=cycles)
 
 

@@ -49,7 +49,8 @@ from autossl.training.dataloading.splits import split_for_fold
 from autossl.training.logger import TrainingLogger
 from autossl.training.losses import RegionSupervisedLoss, SupervisedLoss
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
-from autossl.training.optim import build_optimizer, build_schedule, clip_gradients, has_gradients, round_boundaries
+from autossl.training.optim import (build_optimizer, build_schedule, clip_gradients, has_gradients, optimizer_configs,
+                                   round_boundaries)
 from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json, save_json
@@ -219,6 +220,11 @@ class Trainer:
         for key in ("data_identifier", "patch_size", "batch_size"):
             if key not in self.cfg:
                 raise TrainingError(f"{plans_file}: configuration {configuration!r} has no {key!r}")
+        try:
+            self.optimizer_configs = optimizer_configs(self.cfg.get("optimizer"),
+                                                       f"{plans_file}: configuration {configuration!r}")
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.data_folder = self.preprocessed_base / self.cfg["data_identifier"]
         if not storage.list_cases(self.data_folder):
             raise TrainingError(f"{self.data_folder} holds no preprocessed cases; run autossl_plan_and_preprocess "
@@ -435,10 +441,10 @@ class Trainer:
         for spec in self.specs:
             net = self.networks[spec.name]
             if spec.trainable:
-                self.optimizers[spec.name] = build_optimizer(net, spec.arch)
+                self.optimizers[spec.name] = build_optimizer(net, spec.arch, self.optimizer_configs)
                 cycles = self.rounds if self.method.restart_lr_each_round else 1
                 self.schedulers[spec.name] = build_schedule(self.optimizers[spec.name], spec.arch, self.total_steps,
-                                                            cycles)
+                                                            cycles, self.optimizer_configs)
                 wrapped = torch.compile(net) if self.compile else net
                 if self.dist.is_ddp:
                     wrapped = nn.parallel.DistributedDataParallel(
