@@ -14,7 +14,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autossl_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", required=True, help="input folder: CASE_XXXX<file_ending> images (one file per channel)")
+    p.add_argument("-i", required=True,
+                   help="input folder: CASE_XXXX<file_ending> images (one file per channel; an RGB PNG holds three)")
     p.add_argument("-o", required=True, help="output folder (created)")
     p.add_argument("-d", default=None, help="dataset ID or DatasetXXX_Name")
     p.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres")

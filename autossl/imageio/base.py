@@ -18,6 +18,12 @@ class ImageReadError(ValueError):
 
 class BaseReaderWriter(ABC):
     supported_file_endings: tuple[str, ...] = ()
+    #: True when one image file can hold several channels (RGB PNGs); see ``channels_in_file``
+    files_may_hold_several_channels: bool = False
+
+    def channels_in_file(self, file: str) -> int:
+        """How many channels of a case ``file`` holds (from its header where that is cheap)."""
+        return 1
 
     @abstractmethod
     def read_images(self, files: Sequence[str]) -> tuple[np.ndarray, dict]:

@@ -270,15 +270,19 @@ def raise_for_files(files, labels=()) -> None:
 
 def nonfinite_problems(arr: np.ndarray, files, what: str = "image", skip=()) -> list[str]:
     """Per channel of ``arr`` (c, ...) whose values are not all finite: a line naming its file
-    (files in ``skip``, already reported from their bytes, are left out)."""
+    (files in ``skip``, already reported from their bytes, are left out). When the files hold
+    several channels each (an RGB image), the line names the file(s) and the channel."""
     out = []
     if arr.dtype.kind not in "fc":
         return out
+    files = [str(f) for f in files]
+    one_each = len(files) == arr.shape[0]
     for c in range(arr.shape[0]):
-        if files[c] in skip:
+        owner = files[c] if one_each else files[0] if len(files) == 1 else ", ".join(files)
+        if owner in skip:
             continue
         ch = arr[c]
         if not np.isfinite(ch).all():
             what_ = _describe_nonfinite(int(np.isnan(ch).sum()), int(np.isinf(ch).sum()))
-            out.append(f"{files[c]}: {what} contains {what_} value(s)")
+            out.append(f"{owner}: {what}{'' if one_each else f' channel {c}'} contains {what_} value(s)")
     return out

@@ -1,4 +1,9 @@
-"""2D natural images: .png, .bmp, .tif/.tiff. RGB(A) becomes separate channels."""
+"""2D natural images: .png, .bmp, .tif/.tiff. RGB(A) becomes separate channels.
+
+As nnU-Net's ``NaturalImage2DIO``: an RGB file is (3, 1, H, W), RGBA (4, 1, H, W), a grey one
+(1, 1, H, W); ``read_images`` stacks the files' channels in the given order, so one RGB
+``case_0000.png`` is the case's three channels R, G, B (nnU-Net's convention, e.g. its
+Dataset120_RoadSegmentation), and grey files split per channel work as well."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,6 +17,16 @@ from autossl.utilities.file_io import atomic_path
 
 class NaturalImage2DIO(BaseReaderWriter):
     supported_file_endings = (".png", ".bmp", ".tif", ".tiff")
+    files_may_hold_several_channels = True
+
+    def channels_in_file(self, file: str) -> int:
+        """Channels of ``file`` from its header (the pixels are not decoded): 3 for RGB, 4 for
+        RGBA, 2 for grey + alpha, 1 for grey or palette images (read as their indices)."""
+        try:
+            with Image.open(file) as im:
+                return len(im.getbands())
+        except Exception as e:
+            raise ImageReadError(f"{file}: cannot be read ({e})") from None
 
     def _read(self, f: str) -> np.ndarray:
         try:
@@ -26,6 +41,8 @@ class NaturalImage2DIO(BaseReaderWriter):
         raise ImageReadError(f"{f}: unexpected image dimensions {arr.shape}")
 
     def read_images(self, files: Sequence[str]):
+        if not len(files):
+            raise ImageReadError("no image files given")
         arrays = [self._read(f) for f in files]
         for f, a in zip(files[1:], arrays[1:]):
             if a.shape[1:] != arrays[0].shape[1:]:

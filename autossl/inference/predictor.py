@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import inspect
 import os
-import re
 from collections import deque
 from contextlib import contextmanager
 from copy import deepcopy
@@ -37,14 +36,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autossl.imageio.channel_files import CHANNEL_RE, assign_channel_files, group_case_files
 from autossl.inference.export import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                       export_prediction_from_logits)
 from autossl.inference.sliding_window import SlidingWindowPredictor
 from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision
 from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json
 from autossl.utilities.label_handling import LabelManager
-
-CHANNEL_RE = re.compile(r"_(\d{4})$")
 
 
 class PredictionError(RuntimeError):
@@ -54,36 +52,35 @@ class PredictionError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # input listing
 # ---------------------------------------------------------------------------------------------
-def list_cases_in_folder(folder: str | os.PathLike, file_ending: str, num_channels: int) -> dict[str, list[str]]:
-    """Group ``CASE_XXXX<file_ending>`` files of ``folder`` by case; every channel must be there."""
+def list_cases_in_folder(folder: str | os.PathLike, file_ending: str, num_channels: int,
+                         reader=None) -> dict[str, list[str]]:
+    """Group ``CASE_XXXX<file_ending>`` files of ``folder`` by case; every channel must be there.
+    ``reader`` (the dataset's reader/writer) says how many channels a file holds: one, or three
+    for an RGB PNG of ``NaturalImage2DIO`` (``autossl.imageio.channel_files``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PredictionError(f"input folder {folder} does not exist")
-    cases: dict[str, dict[int, str]] = {}
-    for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or not f.name.endswith(file_ending):
-            continue
-        stem = f.name[: -len(file_ending)]
-        m = CHANNEL_RE.search(stem)
-        if not m:
-            raise PredictionError(f"{f}: image file names must end in _XXXX{file_ending} (channel ID), "
-                                  f"e.g. case_0000{file_ending}")
-        cases.setdefault(stem[: m.start()], {})[int(m.group(1))] = str(f)
+    files = [f for f in sorted(folder.iterdir())
+             if f.is_file() and not f.name.startswith(".") and f.name.endswith(file_ending)]
+    cases, unnamed = group_case_files(files, file_ending)
+    if unnamed:
+        raise PredictionError(f"{unnamed[0]}: image file names must end in _XXXX{file_ending} (channel ID), "
+                              f"e.g. case_0000{file_ending}")
     if not cases:
         others = sorted({"".join(p.suffixes) for p in folder.iterdir() if p.is_file()})
         raise PredictionError(f"input folder {folder} has no images ending in {file_ending!r} (the dataset's "
                               f"file_ending)" + (f"; found endings {others}" if others else "; it is empty"))
+    if reader is None:
+        from autossl.imageio.registry import reader_writer_class
+
+        reader = reader_writer_class(file_ending)()
     out = {}
     for case, chans in sorted(cases.items()):
-        missing = [c for c in range(num_channels) if c not in chans]
-        if missing:
-            raise PredictionError(f"{folder / (case + '_%04d' % missing[0] + file_ending)}: channel {missing[0]} "
-                                  f"of case {case} is missing (the model needs {num_channels} channel(s))")
-        extra = sorted(c for c in chans if c >= num_channels)
-        if extra:
-            raise PredictionError(f"{chans[extra[0]]}: case {case} has channel {extra[0]} but the model takes "
-                                  f"{num_channels} channel(s)")
-        out[case] = [chans[c] for c in range(num_channels)]
+        ordered, problems = assign_channel_files(case, chans, num_channels, reader, folder, file_ending,
+                                                 expected=f"the model needs {num_channels} channel(s)")
+        if problems:
+            raise PredictionError(problems[0])
+        out[case] = ordered
     return out
 
 
@@ -400,7 +397,10 @@ class Predictor:
                                        save_probabilities: bool):
         fe = self.dataset_json["file_ending"]
         if isinstance(list_of_lists_or_source_folder, (str, os.PathLike)):
-            groups = list_cases_in_folder(list_of_lists_or_source_folder, fe, num_input_channels(self.dataset_json))
+            from autossl.preprocessing.preprocessor import reader_for
+
+            groups = list_cases_in_folder(list_of_lists_or_source_folder, fe, num_input_channels(self.dataset_json),
+                                          reader_for(self.dataset_json, self.plans_manager))
             lists = list(groups.values())
             case_ids = list(groups)
         else:

@@ -242,7 +242,8 @@ def preprocess_array(data: np.ndarray, seg: np.ndarray | None, properties: dict,
     return np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(seg)
 
 
-def _reader(dataset_json: dict, plans_manager=None):
+def reader_for(dataset_json: dict, plans_manager=None):
+    """The reader/writer instance of a dataset: dataset.json's override, else the plans', else by file ending."""
     from autossl.imageio.registry import reader_writer_class
 
     name = None
@@ -254,6 +255,9 @@ def _reader(dataset_json: dict, plans_manager=None):
         return reader_writer_class(dataset_json["file_ending"], name)()
     except ValueError:  # a reader name from nnU-Net's plans we do not have: pick by file ending
         return reader_writer_class(dataset_json["file_ending"], dataset_json.get("overwrite_image_reader_writer"))()
+
+
+_reader = reader_for
 
 
 def read_case(rw, image_files: Sequence[str], seg_file: str | None = None):
@@ -279,6 +283,14 @@ def read_case(rw, image_files: Sequence[str], seg_file: str | None = None):
     return data, seg, properties
 
 
+def check_channel_count(data: np.ndarray, image_files: Sequence[str], dataset_json: dict) -> None:
+    """The files read must hold as many channels as dataset.json lists (an RGB PNG holds three)."""
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if isinstance(channels, dict) and data.shape[0] != len(channels):
+        raise ImageReadError(f"{image_files[0]}: {len(image_files)} image file(s) hold {data.shape[0]} channel(s) but "
+                             f"dataset.json 'channel_names' lists {len(channels)} ({', '.join(map(str, image_files))})")
+
+
 class DefaultPreprocessor:
     """nnU-Net v2's preprocessor: ``run_case`` for one case, ``run`` for a whole dataset."""
 
@@ -300,6 +312,7 @@ class DefaultPreprocessor:
             dataset_json = load_json(dataset_json)
         rw = _reader(dataset_json, plans_manager)
         data, seg, properties = read_case(rw, image_files, seg_file)
+        check_channel_count(data, image_files, dataset_json)
         data, seg = self.run_case_npy(data, seg, properties, plans_manager, configuration_manager, dataset_json)
         return data, seg, properties
 
@@ -335,6 +348,7 @@ def _process_case(job: tuple) -> str:
     try:
         rw = _reader(dataset_json)
         data, seg, props = read_case(rw, images, label)
+        check_channel_count(data, images, dataset_json)
         done: dict[tuple, tuple] = {}
         for out in outputs:
             key = out.recipe.case_key(props["spacing"])

@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autossl.imageio.channel_files import assign_channel_files, group_case_files
 from autossl.imageio.registry import reader_writer_class
 from autossl.utilities.file_io import load_json
-
-CHANNEL_RE = re.compile(r"_(\d{4})$")
 
 
 class DatasetError(ValueError):
@@ -113,29 +111,27 @@ class RawDataset:
         return reader_writer_class(self.file_ending, self.dataset_json.get("overwrite_image_reader_writer"))()
 
     def _images_in(self, folder: Path, strict: bool = True) -> dict:
-        """Group ``CASE_XXXX<ending>`` files by case; check every channel is present."""
+        """Group ``CASE_XXXX<ending>`` files by case; check every channel is present (an RGB file
+        of ``NaturalImage2DIO`` holds three, see ``autossl.imageio.channel_files``)."""
         ending = self.file_ending
-        cases: dict[str, dict[int, str]] = {}
         if not folder.is_dir():
             return {}
-        for f in sorted(folder.iterdir()):
-            if not f.name.endswith(ending) or f.name.startswith("."):
-                continue
-            stem = f.name[: -len(ending)]
-            m = CHANNEL_RE.search(stem)
-            if not m:
-                raise DatasetError(f"{f}: image file names must end in _XXXX{ending} (channel ID), e.g. case_0000{ending}")
-            cases.setdefault(stem[: m.start()], {})[int(m.group(1))] = str(f)
+        files = [f for f in sorted(folder.iterdir()) if f.name.endswith(ending) and not f.name.startswith(".")]
+        cases, unnamed = group_case_files(files, ending)
+        if unnamed:
+            raise DatasetError(f"{unnamed[0]}: image file names must end in _XXXX{ending} (channel ID), "
+                               f"e.g. case_0000{ending}")
         out = {}
         n = self.num_channels
+        rw = self.reader_writer() if strict else None
         for case, chans in cases.items():
-            missing = [c for c in range(n) if c not in chans]
-            if missing and strict:
-                raise DatasetError(
-                    f"{folder / (case + '_%04d' % missing[0] + ending)}: channel {missing[0]} of case {case} is missing "
-                    f"(dataset.json lists {n} channel(s))"
-                )
-            out[case] = {"images": [chans[c] for c in sorted(chans)][:n]}
+            if strict:
+                ordered, problems = assign_channel_files(case, chans, n, rw, folder, ending)
+                if problems:
+                    raise DatasetError(problems[0])
+            else:
+                ordered = [chans[c] for c in sorted(chans)]
+            out[case] = {"images": ordered}
         return out
 
     def _list_cases(self):

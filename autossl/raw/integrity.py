@@ -1,7 +1,9 @@
 """``--verify_dataset_integrity``: find everything wrong with a raw dataset, one line per problem.
 
 Errors (the dataset cannot be used as it is): dataset.json missing/invalid, file names without a
-channel ID, missing or unlisted channels, a case in imagesTr without a label, labels without
+channel ID, missing or unlisted channels (a file ``CASE_XXXX`` holds the channels from XXXX on: one,
+or three for an RGB PNG of ``NaturalImage2DIO``, nnU-Net's convention), a number of channels read
+that differs from ``channel_names``, a case in imagesTr without a label, labels without
 images, ``numTraining`` mismatch, a truncated or corrupt ``.nii.gz``/``.nii`` (checked on the
 file's own bytes, see ``autossl.imageio.file_check``), unreadable files, NaN/inf in an image or
 label (in NIfTI files from the file's bytes: SimpleITK reads them as 0), image/label shape or
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from autossl.imageio.base import ImageReadError
+from autossl.imageio.channel_files import assign_channel_files, group_case_files
 from autossl.imageio.file_check import check_files, nonfinite_problems
 from autossl.imageio.registry import reader_writer_class
 from autossl.raw.dataset import DatasetError, RawDataset, label_values, validate_dataset_json
 from autossl.utilities.file_io import load_json
-
-CHANNEL_RE = re.compile(r"_(\d{4})$")
 
 
 @dataclass
@@ -42,41 +42,35 @@ class IntegrityReport:
         return not self.errors
 
 
-def _scan_images(folder: Path, ending: str, n_channels: int, problems: list[str]
+def _scan_images(folder: Path, ending: str, n_channels: int, problems: list[str], reader
                  ) -> tuple[dict[str, list[str]], set[str]]:
-    """Group ``CASE_XXXX<ending>`` files by case; report bad names and missing/extra channels.
+    """Group ``CASE_XXXX<ending>`` files by case; report bad names and missing/extra channels (a
+    file holds the channels from XXXX on: one, or three for an RGB PNG, ``autossl.imageio.channel_files``).
     Returns the complete cases (channel files in order) and the names of all cases seen."""
-    cases: dict[str, dict[int, str]] = {}
     if not folder.is_dir():
         return {}, set()
+    named = []
     for f in sorted(folder.iterdir()):
         if f.name.startswith(".") or f.is_dir():
             continue
         if not f.name.endswith(ending):
             problems.append(f"{f}: file ending is not {ending!r} (dataset.json 'file_ending'); rename or remove it")
             continue
-        m = CHANNEL_RE.search(f.name[: -len(ending)])
-        if not m:
-            problems.append(f"{f}: image file names must end in _XXXX{ending} (4-digit channel ID), "
-                            f"e.g. case_0000{ending}")
-            continue
-        cases.setdefault(f.name[: -len(ending)][: m.start()], {})[int(m.group(1))] = str(f)
+        named.append(f)
+    cases, unnamed = group_case_files(named, ending)
+    for f in unnamed:
+        problems.append(f"{f}: image file names must end in _XXXX{ending} (4-digit channel ID), "
+                        f"e.g. case_0000{ending}")
     out = {}
     for case, chans in sorted(cases.items()):
-        missing = [c for c in range(n_channels) if c not in chans]
-        extra = sorted(c for c in chans if c >= n_channels)
-        for c in missing:
-            problems.append(f"{folder / f'{case}_{c:04d}{ending}'}: channel {c} of case {case} is missing "
-                            f"(dataset.json lists {n_channels} channel(s))")
-        for c in extra:
-            problems.append(f"{chans[c]}: channel {c} is not listed in dataset.json 'channel_names' "
-                            f"({n_channels} channel(s))")
-        if not missing:
-            out[case] = [chans[c] for c in range(n_channels)]
+        files, found = assign_channel_files(case, chans, n_channels, reader, folder, ending)
+        problems.extend(found)
+        if files is not None:
+            out[case] = files
     return out, set(cases)
 
 
-def _structure(folder: Path, dj: dict, report: IntegrityReport):
+def _structure(folder: Path, dj: dict, report: IntegrityReport, reader):
     """List labelled and unlabelled cases; report structural problems."""
     ending = dj["file_ending"]
     n_ch = len(dj["channel_names"])
@@ -92,13 +86,23 @@ def _structure(folder: Path, dj: dict, report: IntegrityReport):
             missing = [f for f in files if not Path(f).is_file()]
             for f in missing:
                 report.errors.append(f"{f}: listed for case {case} in dataset.json 'dataset' but does not exist")
-            if len(d["images"]) != n_ch:
-                report.errors.append(f"{folder / 'dataset.json'}: case {case} lists {len(d['images'])} image(s) "
+            if missing:
+                continue
+            try:  # an RGB file of NaturalImage2DIO holds three channels
+                held = sum(int(reader.channels_in_file(f)) if reader.files_may_hold_several_channels else 1
+                           for f in d["images"])
+            except ImageReadError as e:
+                report.errors.append(str(e))
+                continue
+            if held != n_ch:
+                what = f"{len(d['images'])} image(s)" + (f" holding {held} channel(s)" if held != len(d["images"])
+                                                         else "")
+                report.errors.append(f"{folder / 'dataset.json'}: case {case} lists {what} "
                                      f"but 'channel_names' has {n_ch}")
-            elif not missing:
+            else:
                 labeled[case] = d
     else:
-        images, all_cases = _scan_images(folder / "imagesTr", ending, n_ch, report.errors)
+        images, all_cases = _scan_images(folder / "imagesTr", ending, n_ch, report.errors, reader)
         label_dir = folder / "labelsTr"
         for case, files in images.items():
             lab = label_dir / f"{case}{ending}"
@@ -121,7 +125,7 @@ def _structure(folder: Path, dj: dict, report: IntegrityReport):
         if not (folder / "imagesTr").is_dir():
             report.errors.append(f"{folder / 'imagesTr'}: folder not found")
         n_found = len(all_cases)
-    unlabeled, _ = _scan_images(folder / "imagesTrUnlabeled", ending, n_ch, report.errors)
+    unlabeled, _ = _scan_images(folder / "imagesTrUnlabeled", ending, n_ch, report.errors, reader)
     for case in sorted(set(unlabeled) & set(labeled)):
         report.errors.append(f"{unlabeled[case][0]}: case {case} is also a labelled case in imagesTr; "
                              f"give it another name or remove one copy")
@@ -201,7 +205,7 @@ def geometry_problems(label: str, image: str, img_props: dict, seg_props: dict) 
 
 def _check_case(args) -> tuple[list[str], list[str]]:
     """Check one case; returns (errors, warnings). Never raises."""
-    case, images, label, file_ending, reader_name, expected_labels, allow_geometry_mismatch = args
+    case, images, label, file_ending, reader_name, expected_labels, allow_geometry_mismatch, n_channels = args
     errors: list[str] = []
     warnings: list[str] = []
     try:
@@ -218,6 +222,9 @@ def _check_case(args) -> tuple[list[str], list[str]]:
         except ImageReadError as e:
             return errors + [str(e)], warnings
         errors += nonfinite_problems(data, images, skip=reported)
+        if data.shape[0] != n_channels:  # nnU-Net's "unexpected number of modalities"
+            errors.append(f"{images[0]}: case {case} has {data.shape[0]} channel(s) in {len(images)} file(s) but "
+                          f"dataset.json 'channel_names' lists {n_channels}")
         if label is None:
             return errors, warnings
         try:
@@ -276,12 +283,12 @@ def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, prog
         return report
     try:
         reader_name = dj.get("overwrite_image_reader_writer")
-        reader_writer_class(dj["file_ending"], reader_name)
+        reader = reader_writer_class(dj["file_ending"], reader_name)()
     except ValueError as e:
         report.errors.append(f"{dj_path}: {e}")
         return report
 
-    labeled, unlabeled = _structure(folder, dj, report)
+    labeled, unlabeled = _structure(folder, dj, report, reader)
     if not report.errors:  # safety net: RawDataset must agree that the layout is usable
         try:
             RawDataset(folder)
@@ -289,8 +296,10 @@ def integrity_report(raw_folder: str | os.PathLike, num_processes: int = 2, prog
             report.errors.extend(str(e).splitlines())
     expected = set(label_values(dj))
     allow = bool(allow_geometry_mismatch)
-    jobs = [(c, d["images"], d["label"], dj["file_ending"], reader_name, expected, allow) for c, d in labeled.items()]
-    jobs += [(c, imgs, None, dj["file_ending"], reader_name, expected, allow) for c, imgs in unlabeled.items()]
+    n_ch = len(dj["channel_names"])
+    jobs = [(c, d["images"], d["label"], dj["file_ending"], reader_name, expected, allow, n_ch)
+            for c, d in labeled.items()]
+    jobs += [(c, imgs, None, dj["file_ending"], reader_name, expected, allow, n_ch) for c, imgs in unlabeled.items()]
     results = []
     if num_processes > 1 and len(jobs) > 1:
         with _pool_context().Pool(min(num_processes, len(jobs))) as pool:
