@@ -360,10 +360,10 @@ class ExperimentPlanner:
 
         plan_3d_fullres = plan_3d_lowres = None
         if new_median_shape_t[0] != 1:
-            plan_3d_fullres = self.get_plans_for_configuration(fullres_spacing_t, new_median_shape_t,
-                                                               self.generate_data_identifier("3d_fullres"),
-                                                               approximate_n_voxels_dataset)
-            plan_3d_lowres = self._plan_lowres(plan_3d_fullres, new_median_shape_t)
+            plan_3d_fullres = self.plan_3d_fullres(fullres_spacing_t, new_median_shape_t, approximate_n_voxels_dataset)
+            # the median shape at the fullres plan's spacing (new_median_shape_t unless a subclass coarsened it)
+            fullres_median_shape_t = np.asarray(plan_3d_fullres["median_image_size_in_voxels"], dtype=float)
+            plan_3d_lowres = self._plan_lowres(plan_3d_fullres, fullres_median_shape_t)
             if plan_3d_lowres is not None:
                 plan_3d_lowres["batch_dice"] = False
                 plan_3d_fullres["batch_dice"] = True
@@ -406,27 +406,40 @@ class ExperimentPlanner:
         self.plans = self.save_plans(plans)
         return self.plans
 
+    def plan_3d_fullres(self, spacing_t, median_shape_t, approximate_n_voxels_dataset: float) -> dict:
+        """The 3d_fullres configuration at the target spacing (subclasses may coarsen it, see CPUPlanner)."""
+        return self.get_plans_for_configuration(spacing_t, median_shape_t, self.generate_data_identifier("3d_fullres"),
+                                                approximate_n_voxels_dataset)
+
+    def lowres_patch_is_large_enough(self, patch_size, median_shape) -> bool:
+        """nnU-Net's criterion: the patch holds >= ``lowres_creation_threshold`` (25%) of the median
+        image's voxels (``median_shape`` unrounded, at the spacing the patch was planned for)."""
+        return (np.prod(patch_size, dtype=np.float64) / np.prod(median_shape, dtype=np.float64)
+                >= self.lowres_creation_threshold)
+
     def _plan_lowres(self, plan_3d_fullres: dict, new_median_shape_t: np.ndarray) -> dict | None:
         """Coarsen the spacing by 3% steps (anisotropic axes first) until the patch covers >= 25% of
         the median image; drop the result if it is less than half the fullres image size."""
+        median_shape = np.asarray(new_median_shape_t, dtype=np.float64)
         median_num_voxels = np.prod(new_median_shape_t, dtype=np.float64)
-        num_voxels_in_patch = np.prod(plan_3d_fullres["patch_size"], dtype=np.float64)
         fullres_spacing = np.asarray(plan_3d_fullres["spacing"], dtype=float)
         lowres_spacing = deepcopy(fullres_spacing)
         plan = None
-        while num_voxels_in_patch / median_num_voxels < self.lowres_creation_threshold:
+        patch_size = plan_3d_fullres["patch_size"]
+        while not self.lowres_patch_is_large_enough(patch_size, median_shape):
             max_spacing = max(lowres_spacing)
             if np.any((max_spacing / lowres_spacing) > 2):
                 lowres_spacing[(max_spacing / lowres_spacing) > 2] *= 1.03
             else:
                 lowres_spacing *= 1.03
-            median_num_voxels = np.prod(fullres_spacing / lowres_spacing * new_median_shape_t, dtype=np.float64)
+            median_shape = fullres_spacing / lowres_spacing * np.asarray(new_median_shape_t, dtype=np.float64)
+            median_num_voxels = np.prod(median_shape, dtype=np.float64)
             plan = self.get_plans_for_configuration(
                 lowres_spacing.copy(),
                 tuple(round(i) for i in fullres_spacing / lowres_spacing * new_median_shape_t),
                 self.generate_data_identifier("3d_lowres"),
                 float(median_num_voxels * self.num_training_cases))
-            num_voxels_in_patch = np.prod(plan["patch_size"], dtype=np.int64)
+            patch_size = plan["patch_size"]
         if plan is not None and np.prod(new_median_shape_t, dtype=np.float64) / median_num_voxels < 2:
             plan = None
         return plan
