@@ -163,7 +163,8 @@ def _add_fingerprint(p: argparse.ArgumentParser) -> None:
 
 def _add_planning(p: argparse.ArgumentParser) -> None:
     p.add_argument("-pl", default=DEFAULT_PLANNER, metavar="PLANNER",
-                   help=f"experiment planner (default: {DEFAULT_PLANNER}; 'cpu' for the CPU preset)")
+                   help=f"experiment planner (default: {DEFAULT_PLANNER}; 'cpu' for the CPU preset; "
+                        "nnUNetPlannerResEncM / nnUNetPlannerResEncL for nnU-Net's residual-encoder presets)")
     p.add_argument("-gpu_memory_target", type=float, default=None, metavar="GB",
                    help="GPU memory the planned network may use, in GB (planner default when omitted)")
     p.add_argument("-overwrite_plans_name", default=None, metavar="NAME",

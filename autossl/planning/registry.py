@@ -1,8 +1,11 @@
-"""Planners by name (``-pl``): 'default' / 'ExperimentPlanner' / 'autosslPlans' and 'cpu' / 'CPUPlanner'."""
+"""Planners by name (``-pl``): 'default' / 'ExperimentPlanner' / 'autosslPlans', 'cpu' / 'CPUPlanner',
+and nnU-Net's residual-encoder presets 'nnUNetPlannerResEncM' / 'nnUNetPlannerResEncL' (also 'resenc_m',
+'ResEncM', their plans names and nnU-Net's plans names ``nnUNetResEncUNet{M,L}Plans``)."""
 from __future__ import annotations
 
 from autossl.planning.cpu_planner import CPUPlanner
 from autossl.planning.default_planner import ExperimentPlanner
+from autossl.planning.resenc_planner import ResEncLPlanner, ResEncMPlanner
 
 PLANNERS: dict[str, type[ExperimentPlanner]] = {
     "default": ExperimentPlanner,
@@ -11,6 +14,18 @@ PLANNERS: dict[str, type[ExperimentPlanner]] = {
     "cpu": CPUPlanner,
     "CPUPlanner": CPUPlanner,
     "autosslPlansCPU": CPUPlanner,
+    "nnUNetPlannerResEncM": ResEncMPlanner,
+    "ResEncMPlanner": ResEncMPlanner,
+    "ResEncM": ResEncMPlanner,
+    "resenc_m": ResEncMPlanner,
+    "autosslResEncUNetMPlans": ResEncMPlanner,
+    "nnUNetResEncUNetMPlans": ResEncMPlanner,
+    "nnUNetPlannerResEncL": ResEncLPlanner,
+    "ResEncLPlanner": ResEncLPlanner,
+    "ResEncL": ResEncLPlanner,
+    "resenc_l": ResEncLPlanner,
+    "autosslResEncUNetLPlans": ResEncLPlanner,
+    "nnUNetResEncUNetLPlans": ResEncLPlanner,
 }
 
 
