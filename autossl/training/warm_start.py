@@ -10,6 +10,13 @@ supervised run warm-starting any method: every CNN of CPS, UCMT or a mean teache
 supervised CNN). The file is read with ``torch.load(weights_only=True)``: nothing in it is
 executed. A network whose keys or shapes differ (other plans, another architecture) is an error
 naming the first differences.
+
+A pre-training checkpoint (``autossl_pretrain``: ``fold_all/checkpoint_final.pth`` of
+``autosslPretrainer_<method>__<plans>__<config>``) holds only the planned U-Net's encoder: its
+weights go into the encoder of every CNN of the run (supervised and semi-supervised alike, the
+decoder and the segmentation heads stay at their initialisation, transformers are left as they
+are), and the log names what was loaded and what was not. Another network class, or encoder
+keys or shapes that differ (other plans, channels or configuration), is an error.
 """
 from __future__ import annotations
 
@@ -39,13 +46,19 @@ def resolve_checkpoint(source: str | os.PathLike, fold) -> Path:
                         f"and {p / 'fold_all'}); train that run to the end first")
 
 
-def read_source_networks(path: Path) -> tuple[dict[str, dict], dict[str, str], list[str]]:
-    """({name: state_dict}, {name: arch}, inference network names) of an autossl checkpoint; a
-    checkpoint with only ``network_weights`` (nnU-Net's) counts as one cnn named "network"."""
+def _read_checkpoint(path: Path):
     try:
-        ckpt = load_torch_safely(path)
+        return load_torch_safely(path)
     except UnsafeCheckpointError as e:
         raise TrainingError(f"-pretrained_weights {e}") from None
+
+
+def read_source_networks(path: Path, ckpt=None) -> tuple[dict[str, dict], dict[str, str], list[str]]:
+    """({name: state_dict}, {name: arch}, inference network names) of an autossl checkpoint
+    (read from ``path`` unless given); a checkpoint with only ``network_weights`` (nnU-Net's)
+    counts as one cnn named "network"."""
+    if ckpt is None:
+        ckpt = _read_checkpoint(path)
     if not isinstance(ckpt, dict) or not ("networks" in ckpt or "network_weights" in ckpt):
         raise TrainingError(f"-pretrained_weights {path}: not a training checkpoint (no 'networks' or "
                             f"'network_weights')")
@@ -76,11 +89,82 @@ def _mismatch(target: dict, source: dict) -> str:
     return "; ".join(parts)
 
 
+def is_pretraining_checkpoint(ckpt) -> bool:
+    return isinstance(ckpt, dict) and "pretraining" in ckpt and "encoder" in ckpt
+
+
+def _encoder_key(key: str) -> str | None:
+    """The ``encoder.*`` key a U-Net state-dict key stands for (dynamic_network_architectures
+    registers the encoder twice: ``encoder.*`` and ``decoder.encoder.*``); None for the rest."""
+    if key.startswith("encoder."):
+        return key
+    if key.startswith("decoder.encoder."):
+        return key[len("decoder."):]
+    return None
+
+
+def load_encoder_weights(net, encoder_state: dict[str, "torch.Tensor"], what: str) -> tuple[list[str], list[str]]:
+    """Load an ``encoder.*`` state dict into the encoder of ``net``; (loaded, left) target keys.
+    Missing, unexpected or differently shaped encoder keys raise ``TrainingError``."""
+    target = net.state_dict()
+    enc_target = {k: v for k, v in target.items() if k.startswith("encoder.")}
+    if not enc_target:
+        raise TrainingError(f"{what}: {type(net).__name__} has no encoder to load the pre-trained encoder into")
+    problem = _mismatch(enc_target, encoder_state)
+    if problem:
+        raise TrainingError(problem)
+    new, loaded, left = dict(target), [], []
+    for k, v in target.items():
+        src = _encoder_key(k)
+        if src is not None:
+            new[k] = encoder_state[src].to(v.dtype)
+            loaded.append(k)
+        else:
+            left.append(k)
+    net.load_state_dict(new)
+    return loaded, left
+
+
+def _load_pretraining(trainer, path: Path, ckpt: dict) -> dict[str, str]:
+    arch = trainer.cfg.get("architecture") or {}
+    src_cls = (ckpt.get("architecture") or {}).get("network_class_name")
+    where = (f"-pretrained_weights {path} (pre-trained with {ckpt.get('method')!r} on plans "
+             f"{ckpt.get('plans_identifier')!r}, configuration {ckpt.get('configuration')!r})")
+    if src_cls and src_cls != arch.get("network_class_name"):
+        raise TrainingError(f"{where}: its encoder is of {src_cls}, this run's CNN is "
+                            f"{arch.get('network_class_name')}; pre-train with the plans of this run "
+                            f"({trainer.plans_identifier!r}, {trainer.configuration!r})")
+    chosen, report = {}, []
+    for spec in trainer.specs:
+        if spec.arch != "cnn":
+            report.append(f"{spec.name} ({spec.arch}): left at initialisation (the checkpoint holds a CNN encoder)")
+            continue
+        net = unwrap(trainer.networks[spec.name])
+        try:
+            loaded, left = load_encoder_weights(net, ckpt["encoder"], where)
+        except TrainingError as e:
+            raise TrainingError(f"{where} does not fit network {spec.name!r} of plans {trainer.plans_identifier!r}, "
+                                f"configuration {trainer.configuration!r} ({e}); pre-train with the same plans, "
+                                f"configuration and channels") from None
+        tops = sorted({k.split(".")[0] + "." + k.split(".")[1] if k.count(".") > 1 else k for k in left})
+        report.append(f"{spec.name} <- encoder ({len(loaded)} tensors: encoder.*, decoder.encoder.*); "
+                      f"left at initialisation {len(left)} tensors ({', '.join(tops[:6])}"
+                      f"{', ...' if len(tops) > 6 else ''})")
+        chosen[spec.name] = "encoder"
+    if not chosen:
+        raise TrainingError(f"{where}: this run ({trainer.ssl}) has no CNN to take the pre-trained encoder")
+    trainer.logger.print(f"pre-trained encoder from {path}: " + "; ".join(report))
+    return chosen
+
+
 def load_pretrained_weights(trainer, source: str | os.PathLike) -> dict[str, str]:
     """Load ``source`` into every network of ``trainer``; returns {network: source network} and
     logs what was loaded. Call after ``initialize`` and before training."""
     path = resolve_checkpoint(source, trainer.fold)
-    nets, archs, inference = read_source_networks(path)
+    ckpt = _read_checkpoint(path)
+    if is_pretraining_checkpoint(ckpt):
+        return _load_pretraining(trainer, path, ckpt)
+    nets, archs, inference = read_source_networks(path, ckpt)
     chosen: dict[str, str] = {}
     for spec in trainer.specs:
         if spec.name in nets and archs.get(spec.name) == spec.arch:

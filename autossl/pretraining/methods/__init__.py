@@ -1,0 +1,1 @@
+"""One file per pre-training method; each registers itself with ``@register(name)``."""
