@@ -446,10 +446,10 @@ def test_plugin_doc_example_is_the_shipped_method_and_runs(monkeypatch):
     shipped = (REPO / "autossl" / "ssl" / "methods" / "entropy_min.py").read_text()
     assert example.strip() == shipped.strip(), "documentation/ssl_plugins.md's example must be entropy_min.py"
     registry.get_method_class("entropy_min")  # import the shipped methods first: the snippet below must not
-    monkeypatch.setattr(registry, "_REGISTRY", {})  # re-register them into the emptied registry
+    monkeypatch.setattr(registry.METHODS, "entries", {})  # re-register them into the emptied registry
     namespace: dict = {"__name__": "doc_example"}
     exec(compile(example, "ssl_plugins.md", "exec"), namespace)
-    cls = registry._REGISTRY["entropy_min"]
+    cls = registry.METHODS.entries["entropy_min"]
     assert cls is namespace["EntropyMinimisation"]
     net = conv1x1([1.0, -1.0], [0.0, 0.0])
     x = torch.randn(2, 1, 2, 3, 3)
