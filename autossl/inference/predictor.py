@@ -40,7 +40,8 @@ from autossl.imageio.channel_files import CHANNEL_RE, assign_channel_files, grou
 from autossl.inference.export import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                       export_prediction_from_logits)
 from autossl.inference.sliding_window import SlidingWindowPredictor
-from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision
+from autossl.networks.build import (ArchitectureError, architecture_entry, build_network, has_deep_supervision,
+                                    set_deep_supervision)
 from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json
 from autossl.utilities.label_handling import LabelManager
 
@@ -267,13 +268,11 @@ class Predictor:
         self._load_fold(0)
 
     def _architecture(self, arch: str) -> dict:
-        cfg = self.configuration_manager.configuration
-        key = {"cnn": "architecture", "transformer": "transformer_architecture"}.get(arch)
-        if key is None:
-            raise PredictionError(f"unknown network kind {arch!r} (expected 'cnn' or 'transformer')")
-        if key not in cfg:
-            raise PredictionError(f"configuration {self.configuration_name!r} of the plans has no {key!r}")
-        return cfg[key]
+        try:
+            return architecture_entry(self.configuration_manager.configuration, arch,
+                                      f"configuration {self.configuration_name!r} of the plans")
+        except ArchitectureError as e:
+            raise PredictionError(str(e)) from None
 
     def _build(self, arch: str) -> nn.Module:
         net = build_network(self._architecture(arch), num_input_channels(self.dataset_json),

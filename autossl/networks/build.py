@@ -15,6 +15,55 @@ def locate(name: str):
     return obj
 
 
+#: network kinds (``NetworkSpec.arch``) and the entry of a plans configuration each is built from.
+#: "hybrid" is a network made of the planned CNN and the planned transformer together (Semiformer's
+#: two branches joined by fusion modules, ``autossl.networks.semiformer``); its entry references the
+#: other two (``autossl.planning.transformer.hybrid_architecture``).
+ARCHITECTURE_KEYS = {
+    "cnn": "architecture",
+    "transformer": "transformer_architecture",
+    "hybrid": "hybrid_architecture",
+}
+
+
+class ArchitectureError(ValueError):
+    """A configuration lacks the entry a network kind needs."""
+
+
+def architecture_entry(configuration: dict, kind: str, where: str = "the plans") -> dict:
+    """The plans entry for a network kind (``ARCHITECTURE_KEYS``), with the entries it references
+    (``_kw_plans_entries``) resolved into its ``arch_kwargs``, ready for ``build_network``.
+    ``configuration``: the resolved configuration dict; ``where`` names it in errors."""
+    if kind not in ARCHITECTURE_KEYS:
+        raise ArchitectureError(f"unknown network kind {kind!r}; expected one of {', '.join(ARCHITECTURE_KEYS)}")
+    key = ARCHITECTURE_KEYS[kind]
+    entry = configuration.get(key)
+    if entry is None and kind == "hybrid" and key not in configuration:  # plans written before the entry
+        from autossl.planning.transformer import hybrid_architecture
+
+        entry = hybrid_architecture()
+    if not entry:
+        hint = (" (this configuration has no transformer: its patch has no even axis)" if kind == "transformer"
+                and key in configuration else "")
+        raise ArchitectureError(f"{where}: no {key!r}{hint}; re-plan with autossl_plan_and_preprocess (nnU-Net "
+                                f"plans older than v2.5 lack 'architecture')")
+    refs = entry.get("_kw_plans_entries") or ()
+    if not refs:
+        return entry
+    entry = deepcopy(entry)
+    for kw in refs:
+        name = entry["arch_kwargs"].get(kw)
+        sub = configuration.get(name) if isinstance(name, str) else None
+        if not sub:
+            raise ArchitectureError(f"{where}: {key!r} builds its {kw!r} part from {name!r}, which this "
+                                    f"configuration does not have" + (
+                                        " (its patch has no even axis, so no transformer was planned)"
+                                        if name == "transformer_architecture" and name in configuration else ""))
+        entry["arch_kwargs"][kw] = deepcopy(sub)
+    entry.pop("_kw_plans_entries")
+    return entry
+
+
 def build_network(architecture: dict, input_channels: int, num_classes: int,
                   deep_supervision: bool = True) -> nn.Module:
     """``architecture`` = {network_class_name, arch_kwargs, _kw_requires_import}."""

@@ -8,7 +8,9 @@ the PlainConvUNet topology, resampling functions and batch dice; the result is w
 Differences from nnU-Net, all for semi-supervised data:
 - the batch-size cap (at most 5% of the dataset's voxels per step) counts labelled AND
   unlabelled training cases, since both are sampled in training;
-- every configuration also has ``transformer_architecture`` (see ``transformer.py``).
+- every configuration also has ``transformer_architecture`` (see ``transformer.py``) and
+  ``hybrid_architecture`` (Semiformer: the two joined, built from references to both entries;
+  ``transformer.hybrid_architecture``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from autossl import paths
 from autossl.planning.topology import get_pool_and_conv_props
-from autossl.planning.transformer import transformer_architecture
+from autossl.planning.transformer import hybrid_architecture, transformer_architecture
 from autossl.preprocessing.normalization import get_normalization_class, normalization_scheme_for_channel
 from autossl.utilities.file_io import atomic_path, load_json, save_json
 
@@ -324,6 +326,7 @@ class ExperimentPlanner:
         res_data, res_data_kw, res_seg, res_seg_kw = self.determine_resampling()
         res_prob, res_prob_kw = self.determine_segmentation_softmax_export_fn()
         schemes, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        transformer = self.transformer_architecture(patch_size, int(batch_size))
         return {
             "data_identifier": data_identifier,
             "preprocessor_name": self.preprocessor_name,
@@ -340,7 +343,9 @@ class ExperimentPlanner:
             "resampling_fn_probabilities": res_prob,
             "resampling_fn_probabilities_kwargs": res_prob_kw,
             "architecture": arch,
-            "transformer_architecture": self.transformer_architecture(patch_size, int(batch_size)),
+            "transformer_architecture": transformer,
+            # Semiformer's CNN + transformer network: references to the two entries above
+            "hybrid_architecture": hybrid_architecture() if transformer else None,
         }
 
     def transformer_architecture(self, patch_size, batch_size: int) -> dict:

@@ -31,7 +31,9 @@ class NetworkSpec:
     """A network a method needs.
 
     name:      key in ``ctx.networks`` (e.g. "student", "teacher", "cnn2", "transformer").
-    arch:      "cnn" (the plans' ``architecture``) or "transformer" (``transformer_architecture``).
+    arch:      "cnn" (the plans' ``architecture``), "transformer" (``transformer_architecture``) or
+               "hybrid" (``hybrid_architecture``: the planned CNN and transformer in one network,
+               Semiformer's); ``autossl.networks.build.ARCHITECTURE_KEYS``.
     trainable: gets an optimiser (SGD+poly for cnn, AdamW+warm-up for transformer) and is wrapped
                in DDP; non-trainable networks (EMA teachers) get neither and stay in eval mode
                unless the method says otherwise.

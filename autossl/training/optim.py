@@ -6,6 +6,8 @@
 * transformer networks: AdamW, lr 3e-4, weight decay 5e-2, betas (0.9, 0.98) (nnU-Net's Primus
   trainers), linear warm-up over the first ``TRANSFORMER_WARMUP_FRACTION`` (5 %) of the steps,
   then poly decay over the rest.
+* hybrid networks (a CNN and a transformer joined, ``--ssl semiformer``): the transformer's
+  settings for the whole network.
 
 A configuration of the plans may replace these per network kind with an ``"optimizer"`` entry,
 ``{"cnn": {"kind": "adamw", "lr": 1e-3, "weight_decay": 1e-4}}`` (plans as data: the CPU plans
@@ -32,6 +34,9 @@ class OptimizerConfig:
 CONFIGS = {
     "cnn": OptimizerConfig("sgd", 1e-2, 3e-5, 0.0),
     "transformer": OptimizerConfig("adamw", 3e-4, 5e-2, TRANSFORMER_WARMUP_FRACTION),
+    # a CNN and a transformer in one network (Semiformer): the transformer's AdamW and warm-up,
+    # which Semiformer (DeiT's recipe) trains both branches with
+    "hybrid": OptimizerConfig("adamw", 3e-4, 5e-2, TRANSFORMER_WARMUP_FRACTION),
 }
 KINDS = ("sgd", "adamw")
 

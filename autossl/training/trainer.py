@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from autossl import paths
-from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision, add_dropout
+from autossl.networks.build import (ARCHITECTURE_KEYS, ArchitectureError, add_dropout, architecture_entry,
+                                    build_network, has_deep_supervision, set_deep_supervision)
 from autossl.preprocessing import storage
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
@@ -376,8 +377,9 @@ class Trainer:
         if len(set(names)) != len(names):
             raise TrainingError(f"--ssl {self.ssl}: duplicate network names {names}")
         for s in specs:
-            if s.arch not in ("cnn", "transformer"):
-                raise TrainingError(f"--ssl {self.ssl}: network {s.name!r} has arch {s.arch!r} (cnn or transformer)")
+            if s.arch not in ARCHITECTURE_KEYS:
+                raise TrainingError(f"--ssl {self.ssl}: network {s.name!r} has arch {s.arch!r} "
+                                    f"(one of {', '.join(ARCHITECTURE_KEYS)})")
             if s.copy_of is not None and s.copy_of not in names:
                 raise TrainingError(f"--ssl {self.ssl}: network {s.name!r} copies unknown network {s.copy_of!r}")
         inf = self.method.inference_networks()
@@ -389,13 +391,11 @@ class Trainer:
         return specs
 
     def _architecture(self, arch: str) -> dict:
-        key = "architecture" if arch == "cnn" else "transformer_architecture"
-        a = self.cfg.get(key)
-        if not a:
-            raise TrainingError(f"plans {self.plans_identifier!r}, configuration {self.configuration!r}: no {key!r}; "
-                                f"re-plan with autossl_plan_and_preprocess (nnU-Net plans older than v2.5 "
-                                f"lack 'architecture')")
-        return a
+        try:
+            return architecture_entry(self.cfg, arch, f"plans {self.plans_identifier!r}, configuration "
+                                                      f"{self.configuration!r}")
+        except ArchitectureError as e:
+            raise TrainingError(str(e)) from None
 
     def _deep_supervision_scales(self) -> list[list[float]]:
         dim = len(self.patch_size)
