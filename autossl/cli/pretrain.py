@@ -1,7 +1,8 @@
 """``autossl_pretrain DATASET CONFIG --method NAME``: self-supervised pre-training of the
-configuration's planned U-Net encoder on every image of the dataset (labelled and unlabelled
-cases, never imagesTs). Fine-tune from it with ``autossl_train ... -pretrained_weights
-$autossl_results/DatasetXXX/autosslPretrainer_<method>__<plans>__<config>``."""
+configuration's planned U-Net encoder (``--network transformer``: of the planned transformer's
+patch embedding and blocks) on every image of the dataset (labelled and unlabelled cases, never
+imagesTs). Fine-tune from it with ``autossl_train ... -pretrained_weights
+$autossl_results/DatasetXXX/autosslPretrainer_<method>[_transformer]__<plans>__<config>``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,9 @@ def build_parser(methods: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --method-opt temperature=0.2)")
     p.add_argument("-p", "--plans", default="autosslPlans", help="plans identifier (default autosslPlans)")
+    p.add_argument("--network", choices=("cnn", "transformer"), default="cnn",
+                   help="the encoder to pre-train: the plans' U-Net's (cnn) or transformer_architecture's (simmim "
+                        "is for the transformer only)")
     p.add_argument("--epochs", type=int, default=100, help="epochs (default 100; an upper bound with --budget)")
     p.add_argument("--iterations-per-epoch", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=None, help="default: the plans' (at least 2)")
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                    method_options=_parse_ssl_opts(args.method_opt), epochs=args.epochs,
                    iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, lr=args.lr,
                    budget=args.budget, device=args.device, seed=args.seed,
-                   num_workers=args.num_workers).run(continue_training=args.c)
+                   num_workers=args.num_workers, network=args.network).run(continue_training=args.c)
     except (TrainingError, PathNotConfiguredError, ValueError, FileNotFoundError) as e:
         print(f"autossl_pretrain: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """The pre-training method interface, the pooled encoder and the heads.
 
 A method is an ``nn.Module`` that owns the encoder (``self.encoder``: the planned U-Net's
-``net.encoder``, wrapped with global average pooling of its deepest stage) and its own heads,
+``net.encoder``, or the planned transformer's patch embedding and blocks,
+``networks.tokens.TransformerEncoder``, wrapped with global average pooling of its deepest
+stage / its output tokens) and its own heads,
 momentum copies, queues and memory banks (parameters and buffers, so ``state_dict`` keeps all
 of it for ``--c``). ``loss(views, ctx)`` turns the views of a batch into a scalar loss and a
 dict of health figures; ``after_step(ctx)`` runs after the optimiser step (EMA updates,
@@ -94,6 +96,9 @@ class PretrainMethod(nn.Module):
     default_lr = 1e-3
     #: health figures the method logs per epoch (also drawn in progress.png)
     scalars: tuple[str, ...] = ("embedding_std",)
+    #: encoders it pre-trains (``autossl_pretrain --network``): the pooled-feature methods take the
+    #: planned U-Net's encoder and the planned transformer's alike
+    networks: tuple[str, ...] = ("cnn", "transformer")
 
     def __init__(self, encoder: nn.Module, num_samples: int = 0, **options):
         super().__init__()

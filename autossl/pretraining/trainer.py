@@ -1,14 +1,18 @@
-"""``autossl_pretrain``: self-supervised pre-training of the planned CNN's encoder.
+"""``autossl_pretrain``: self-supervised pre-training of the planned CNN's encoder (or, with
+``network="transformer"``, of the planned transformer's).
 
 The encoder is the configuration's planned U-Net's ``net.encoder`` (built by
 ``build_network`` from the plans, so its keys are those of every CNN a trainer builds), global
-average pooling of its deepest stage, and the method's heads. AdamW with a linear warm-up and
+average pooling of its deepest stage, and the method's heads. For the transformer it is
+Primus' / Primus2D's patch embedding and EVA blocks without the decoder
+(``networks.tokens.TransformerEncoder``: keys ``down_projection.*``, ``eva.*`` as in the full
+network), the output tokens on their grid pooled the same way. AdamW with a linear warm-up and
 a cosine decay. Every epoch: the mean loss and the method's health figures (``embedding_std``:
 the per-dimension std of the normalised embeddings, near 1/sqrt(d) when healthy, 0 at
 collapse), the learning rate, the epoch time and an ETA in the log and in ``progress.png``;
 ``checkpoint_latest.pth`` (atomic) every epoch, ``checkpoint_final.pth`` at the end. ``--c``
 continues from ``checkpoint_latest.pth``. Output:
-``$autossl_results/DatasetXXX/autosslPretrainer_<method>__<plans>__<config>/fold_all/``.
+``$autossl_results/DatasetXXX/autosslPretrainer_<method>[_transformer]__<plans>__<config>/fold_all/``.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import numpy as np
 import torch
 
 from autossl import paths
-from autossl.networks.build import build_network
+from autossl.networks.build import ArchitectureError, architecture_entry, build_network
+from autossl.networks.tokens import TransformerEncoder
 from autossl.pretraining.base import StepContext
 from autossl.pretraining.registry import create_method
 from autossl.pretraining.views import ImageCases, ViewLoader
@@ -39,8 +44,11 @@ from autossl.utilities.label_handling import LabelManager
 PRETRAINING_FORMAT = 1
 
 
-def pretrainer_name(method: str) -> str:
-    return f"autosslPretrainer_{method}"
+NETWORKS = ("cnn", "transformer")
+
+
+def pretrainer_name(method: str, network: str = "cnn") -> str:
+    return f"autosslPretrainer_{method}" + ("_transformer" if network == "transformer" else "")
 
 
 def _fmt(seconds: float) -> str:
@@ -55,9 +63,12 @@ class Pretrainer:
                  method_options: dict | None = None, epochs: int = 100, iterations_per_epoch: int = 250,
                  batch_size: int | None = None, lr: float | None = None, weight_decay: float = 1e-4,
                  warmup_epochs: float = 0.1, budget=None, device=None, seed: int = 12345,
-                 num_workers: int | None = None, verbose: bool = True):
+                 num_workers: int | None = None, verbose: bool = True, network: str = "cnn"):
         if epochs < 1 or iterations_per_epoch < 1:
             raise TrainingError("--epochs and --iterations-per-epoch must be >= 1")
+        if network not in NETWORKS:
+            raise TrainingError(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+        self.network = network
         self.configuration, self.plans_identifier, self.method_name = configuration, plans, method
         self.method_options = dict(method_options or {})
         self.num_epochs, self.iterations_per_epoch = int(epochs), int(iterations_per_epoch)
@@ -80,9 +91,10 @@ class Pretrainer:
             self.cfg = resolve_configuration(self.plans, configuration)
         except (KeyError, ValueError) as e:
             raise TrainingError(f"{plans_file}: {e}") from None
-        self.architecture = self.cfg.get("architecture")
-        if not self.architecture:
-            raise TrainingError(f"{plans_file}: configuration {configuration!r} has no 'architecture'")
+        try:
+            self.architecture = architecture_entry(self.cfg, network, f"{plans_file}: configuration {configuration!r}")
+        except ArchitectureError as e:
+            raise TrainingError(str(e)) from None
         self.patch_size = tuple(int(p) for p in self.cfg["patch_size"])
         self.batch_size = max(2, int(batch_size or self.cfg["batch_size"]))  # contrast needs two images
         self.data_folder = base / self.cfg["data_identifier"]
@@ -95,10 +107,14 @@ class Pretrainer:
 
         torch.manual_seed(self.seed)
         net = build_network(self.architecture, self.num_input_channels, self.num_heads, deep_supervision=True)
-        if not hasattr(net, "encoder") or not hasattr(net.encoder, "output_channels"):
-            raise TrainingError(f"{self.architecture['network_class_name']}: no U-Net encoder to pre-train")
         try:
-            self.method = create_method(method, net.encoder, num_samples=len(self.cases), **self.method_options)
+            if network == "transformer":
+                encoder = TransformerEncoder(net)
+            elif hasattr(net, "encoder") and hasattr(net.encoder, "output_channels"):
+                encoder = net.encoder
+            else:
+                raise TrainingError(f"{self.architecture['network_class_name']}: no U-Net encoder to pre-train")
+            self.method = create_method(method, encoder, num_samples=len(self.cases), **self.method_options)
         except ValueError as e:
             raise TrainingError(str(e)) from None
         self.method.to(self.device)
@@ -111,7 +127,7 @@ class Pretrainer:
         self._budget_decided = self.budget_s is None
 
         self.output_folder_base = paths.results_dir() / self.dataset_name / \
-            f"{pretrainer_name(method)}__{plans}__{configuration}"
+            f"{pretrainer_name(method, network)}__{plans}__{configuration}"
         self.output_folder = self.output_folder_base / "fold_all"
         self.output_folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
@@ -130,11 +146,17 @@ class Pretrainer:
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     # ------------------------------------------------------------------ checkpoints
+    def encoder_state(self) -> dict:
+        """The encoder's weights under the keys of the full planned network: ``encoder.*`` of the
+        U-Net, or the transformer's own ``down_projection.*``, ``eva.*`` (``register_tokens``)."""
+        sd = self.method.encoder.state_dict()
+        return sd if self.network == "transformer" else {f"encoder.{k}": v for k, v in sd.items()}
+
     def state(self) -> dict:
         return {
-            "pretraining": PRETRAINING_FORMAT, "trainer_name": pretrainer_name(self.method_name),
-            "method": self.method_name, "method_options": self.method_options,
-            "encoder": {f"encoder.{k}": v for k, v in self.method.encoder.state_dict().items()},
+            "pretraining": PRETRAINING_FORMAT, "trainer_name": pretrainer_name(self.method_name, self.network),
+            "method": self.method_name, "method_options": self.method_options, "network": self.network,
+            "encoder": self.encoder_state(),
             "method_state": self.method.state_dict(), "optimizer_state": self.optimizer.state_dict(),
             "current_step": self.current_step, "num_epochs": self.num_epochs,
             "iterations_per_epoch": self.iterations_per_epoch, "lr": self.lr, "history": self.history,
@@ -151,9 +173,10 @@ class Pretrainer:
             ckpt = load_torch_safely(path)
         except UnsafeCheckpointError as e:
             raise TrainingError(str(e)) from None
-        if ckpt.get("method") != self.method_name or ckpt.get("plans_identifier") != self.plans_identifier:
-            raise TrainingError(f"{path}: a checkpoint of {ckpt.get('method')!r} with plans "
-                                f"{ckpt.get('plans_identifier')!r}, not of this run")
+        if ckpt.get("method") != self.method_name or ckpt.get("plans_identifier") != self.plans_identifier or \
+                ckpt.get("network", "cnn") != self.network:
+            raise TrainingError(f"{path}: a checkpoint of {ckpt.get('method')!r} ({ckpt.get('network', 'cnn')}) with "
+                                f"plans {ckpt.get('plans_identifier')!r}, not of this run")
         self.method.load_state_dict(ckpt["method_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.current_step = int(ckpt["current_step"])
@@ -178,7 +201,7 @@ class Pretrainer:
             save_json(obj, self.output_folder_base / name)
         n_params = sum(p.numel() for p in self.method.encoder.parameters())
         self.logger.print(f"pre-training {self.method_name} on {len(self.cases)} images of {self.dataset_name} "
-                          f"({self.configuration} of {self.plans_identifier}): encoder of "
+                          f"({self.configuration} of {self.plans_identifier}): {self.network} encoder of "
                           f"{self.architecture['network_class_name'].split('.')[-1]} ({n_params} parameters), "
                           f"batch {self.batch_size} x {self.method.num_views} views of {list(self.patch_size)}, "
                           f"{self.num_epochs} epochs x {self.iterations_per_epoch} iterations, device {self.device}")

@@ -15,8 +15,12 @@ A pre-training checkpoint (``autossl_pretrain``: ``fold_all/checkpoint_final.pth
 ``autosslPretrainer_<method>__<plans>__<config>``) holds only the planned U-Net's encoder: its
 weights go into the encoder of every CNN of the run (supervised and semi-supervised alike, the
 decoder and the segmentation heads stay at their initialisation, transformers are left as they
-are), and the log names what was loaded and what was not. Another network class, or encoder
-keys or shapes that differ (other plans, channels or configuration), is an error.
+are), and the log names what was loaded and what was not. A transformer pre-training
+(``autossl_pretrain --network transformer``, ``autosslPretrainer_<method>_transformer__...``)
+holds the planned transformer's patch embedding and blocks (``down_projection.*``, ``eva.*``):
+they go into every transformer of the run, whose decoder (``up_projection.*``) stays at its
+initialisation, and CNNs are left as they are. Another network class, or encoder keys or shapes
+that differ (other plans, channels or configuration), is an error.
 """
 from __future__ import annotations
 
@@ -125,34 +129,67 @@ def load_encoder_weights(net, encoder_state: dict[str, "torch.Tensor"], what: st
     return loaded, left
 
 
+#: top-level modules of Primus / Primus2D that a transformer pre-training holds
+TRANSFORMER_ENCODER_PARTS = ("down_projection", "eva", "register_tokens")
+
+
+def load_transformer_encoder_weights(net, encoder_state: dict[str, "torch.Tensor"],
+                                     what: str) -> tuple[list[str], list[str]]:
+    """Load a transformer pre-training's ``down_projection.*`` / ``eva.*`` state dict into the
+    planned transformer ``net``; (loaded, left) target keys. Missing, unexpected or differently
+    shaped keys raise ``TrainingError``."""
+    target = net.state_dict()
+    enc_target = {k: v for k, v in target.items() if k.split(".")[0] in TRANSFORMER_ENCODER_PARTS}
+    if not enc_target:
+        raise TrainingError(f"{what}: {type(net).__name__} has no patch embedding / EVA blocks to load into")
+    problem = _mismatch(enc_target, encoder_state)
+    if problem:
+        raise TrainingError(problem)
+    new = dict(target)
+    for k in enc_target:
+        new[k] = encoder_state[k].to(target[k].dtype)
+    net.load_state_dict(new)
+    return list(enc_target), [k for k in target if k not in enc_target]
+
+
+ENCODER_LOADERS = {"cnn": (load_encoder_weights, "encoder.*, decoder.encoder.*"),
+                   "transformer": (load_transformer_encoder_weights, "down_projection.*, eva.*")}
+
+
 def _load_pretraining(trainer, path: Path, ckpt: dict) -> dict[str, str]:
-    arch = trainer.cfg.get("architecture") or {}
+    kind = ckpt.get("network", "cnn")
+    if kind not in ENCODER_LOADERS:
+        raise TrainingError(f"-pretrained_weights {path}: a pre-training of an unknown network kind {kind!r}")
+    loader, keys = ENCODER_LOADERS[kind]
+    arch = trainer.cfg.get("architecture" if kind == "cnn" else "transformer_architecture") or {}
     src_cls = (ckpt.get("architecture") or {}).get("network_class_name")
     where = (f"-pretrained_weights {path} (pre-trained with {ckpt.get('method')!r} on plans "
              f"{ckpt.get('plans_identifier')!r}, configuration {ckpt.get('configuration')!r})")
     if src_cls and src_cls != arch.get("network_class_name"):
-        raise TrainingError(f"{where}: its encoder is of {src_cls}, this run's CNN is "
+        raise TrainingError(f"{where}: its encoder is of {src_cls}, this run's {kind} is "
                             f"{arch.get('network_class_name')}; pre-train with the plans of this run "
                             f"({trainer.plans_identifier!r}, {trainer.configuration!r})")
     chosen, report = {}, []
     for spec in trainer.specs:
-        if spec.arch != "cnn":
-            report.append(f"{spec.name} ({spec.arch}): left at initialisation (the checkpoint holds a CNN encoder)")
+        if spec.arch != kind:
+            report.append(f"{spec.name} ({spec.arch}): left at initialisation (the checkpoint holds a {kind} encoder)")
             continue
         net = unwrap(trainer.networks[spec.name])
         try:
-            loaded, left = load_encoder_weights(net, ckpt["encoder"], where)
+            loaded, left = loader(net, ckpt["encoder"], where)
         except TrainingError as e:
             raise TrainingError(f"{where} does not fit network {spec.name!r} of plans {trainer.plans_identifier!r}, "
                                 f"configuration {trainer.configuration!r} ({e}); pre-train with the same plans, "
                                 f"configuration and channels") from None
         tops = sorted({k.split(".")[0] + "." + k.split(".")[1] if k.count(".") > 1 else k for k in left})
-        report.append(f"{spec.name} <- encoder ({len(loaded)} tensors: encoder.*, decoder.encoder.*); "
+        report.append(f"{spec.name} <- encoder ({len(loaded)} tensors: {keys}); "
                       f"left at initialisation {len(left)} tensors ({', '.join(tops[:6])}"
                       f"{', ...' if len(tops) > 6 else ''})")
         chosen[spec.name] = "encoder"
     if not chosen:
-        raise TrainingError(f"{where}: this run ({trainer.ssl}) has no CNN to take the pre-trained encoder")
+        raise TrainingError(f"{where}: this run ({trainer.ssl}) has no {kind} network to take the pre-trained "
+                            f"encoder" + (" (train with --network transformer, or --ssl semi_vit)"
+                                          if kind == "transformer" else ""))
     trainer.logger.print(f"pre-trained encoder from {path}: " + "; ".join(report))
     return chosen
 
