@@ -173,10 +173,30 @@ def test_sinkhorn_codes_spread_mass_equally_over_prototypes():
     assert (q[:, 0] > 0.5).sum() >= 1 and (q[:, 1] > 0.5).sum() >= 1  # not all on prototype 0
 
 
+def _transformer_encoder(dim: int = 3):
+    """The planned transformer's encoder half (Primus / Primus2D, one block) as pre-training sees it."""
+    from autossl.networks.build import build_network
+    from autossl.networks.tokens import TransformerEncoder
+
+    cls = "dynamic_network_architectures.architectures.primus.Primus" if dim == 3 else \
+        "autossl.networks.transformer2d.Primus2D"
+    shape = [8, 16, 16] if dim == 3 else [16, 16]
+    arch = {"network_class_name": cls, "_kw_requires_import": [],
+            "arch_kwargs": {"embed_dim": 48 if dim == 3 else 32, "patch_embed_size": [4, 8, 8][-dim:],
+                            "eva_depth": 1, "eva_numheads": 2, "input_shape": shape}}
+    return TransformerEncoder(build_network(arch, 1, 3))
+
+
+def _encoder_for(name: str, dim: int = 3):
+    from autossl.pretraining.registry import get_method_class
+
+    return _encoder(dim) if "cnn" in get_method_class(name).networks else _transformer_encoder(dim)
+
+
 @pytest.mark.parametrize("name", available_methods())
 def test_every_method_steps_on_a_tiny_encoder(name):
     torch.manual_seed(0)
-    m = create_method(name, _encoder(3), num_samples=4)
+    m = create_method(name, _encoder_for(name), num_samples=4)
     views = [torch.randn(2, 1, 8, 16, 16) for _ in range(m.num_views)]
     ctx = StepContext(0, 4, torch.tensor([0, 2]), 4)
     loss, scalars = m.loss(views, ctx)
@@ -185,8 +205,49 @@ def test_every_method_steps_on_a_tiny_encoder(name):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.parameters())
     m.after_step(ctx)
     state = m.state_dict()
-    fresh = create_method(name, _encoder(3), num_samples=4)
+    fresh = create_method(name, _encoder_for(name), num_samples=4)
     fresh.load_state_dict(state)
+
+
+def test_patchify_and_token_mask_by_hand():
+    from autossl.pretraining.methods.simmim import patchify, random_token_mask
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    t = patchify(x, (2, 2))
+    assert t.shape == (1, 4, 2, 2)
+    assert t[0, :, 0, 0].tolist() == [0, 1, 4, 5] and t[0, :, 0, 1].tolist() == [2, 3, 6, 7]
+    assert t[0, :, 1, 0].tolist() == [8, 9, 12, 13]
+    x3 = torch.arange(8.0).view(1, 1, 2, 2, 2)
+    assert patchify(x3, (2, 2, 2))[0, :, 0, 0, 0].tolist() == list(range(8))
+    m = random_token_mask(3, 10, 0.6, "cpu")
+    assert m.shape == (3, 10) and m.sum(1).tolist() == [6, 6, 6]
+
+
+def test_simmim_masks_tokens_and_scores_only_the_masked_ones(monkeypatch):
+    import autossl.pretraining.methods.simmim as simmim
+
+    torch.manual_seed(0)
+    m = create_method("simmim", _transformer_encoder(2))  # Primus2D, patch 8x8, input 16x16: 4 tokens
+    # token k (row-major on the 2x2 grid) holds the value k + 1 everywhere
+    x = torch.arange(1.0, 5.0).view(1, 1, 2, 2).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    mask = torch.tensor([[True, True, False, False]])
+    monkeypatch.setattr(simmim, "random_token_mask", lambda b, n, r, d: mask)
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.zero_()
+    loss, scalars = m.loss([x], StepContext(0, 1))
+    assert loss.item() == pytest.approx((1 + 2) / 2)  # |0 - voxel| over tokens 0 and 1 only; all four: 2.5
+    assert scalars["masked_share"] == pytest.approx(0.5)
+    # a masked token's voxels never reach the encoder: its embedding is the mask token
+    y = x.clone()
+    y[..., :8, :8] = 100.0  # token 0
+    with torch.no_grad():
+        a = m.encoder(x, token_mask=mask, mask_token=m.mask_token)
+        b = m.encoder(y, token_mask=mask, mask_token=m.mask_token)
+        c = m.encoder(y)
+    assert torch.allclose(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="--network transformer"):
+        create_method("simmim", _encoder())
 
 
 def test_embedding_std_detects_collapse():
