@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from autossl.networks.build import ArchitectureError, architecture_entry, build_network
 from autossl.networks.semiformer import FusionModule, Semiformer, resize_to
@@ -105,8 +104,8 @@ def test_semiformer_gradients_reach_both_branches_through_the_fusions(dim):
     cnn_logits, vit_logits = net(x, branches=True)
     assert cnn_logits.shape == vit_logits.shape == (2, 3, *shape)
     assert torch.allclose(net(x), 0.5 * (cnn_logits + vit_logits), atol=1e-6)  # the prediction: both heads
-    cnn_logits.square().mean().backward()  # a loss on the CNN's output alone ...
-    assert _grad(net.transformer.eva.blocks[0]) > 0 and _grad(net.transformer.down_projection) > 0  # ... reaches the ViT
+    cnn_logits.square().mean().backward()  # a loss on the CNN's output alone reaches the ViT
+    assert _grad(net.transformer.eva.blocks[0]) > 0 and _grad(net.transformer.down_projection) > 0
     assert _grad(net.transformer.up_projection) == 0  # (whose decoder is not on that path)
     net.zero_grad()
     net(x, branches=True)[1].square().mean().backward()  # a loss on the ViT's output alone ...
@@ -142,6 +141,8 @@ def test_hybrid_entry_is_built_from_the_planned_architectures():
     # a configuration without a transformer (no even patch axis) is a clear error
     with pytest.raises(ArchitectureError, match="no even axis"):
         architecture_entry(dict(cfg, transformer_architecture=None), "hybrid")
+    with pytest.raises(ArchitectureError, match="no even axis"):  # what the planner writes then
+        architecture_entry(dict(cfg, transformer_architecture=None, hybrid_architecture=None), "hybrid")
     with pytest.raises(ValueError, match="fusion_stages"):
         Semiformer(1, 3, cfg["architecture"], cfg["transformer_architecture"], fusion_stages=[5])
 
@@ -345,6 +346,15 @@ def test_e2e_semi_vit(planned, monkeypatch):
     ckpt = torch.load(_model(planned, "autosslTrainer_semi_vit") / "fold_0" / "checkpoint_final.pth",
                       weights_only=True)
     assert ckpt["inference_networks"] == [{"name": "teacher", "arch": "transformer"}]
+
+
+def test_e2e_semi_vit_on_the_cnn(planned):
+    _train(planned, "--ssl", "semi_vit", "--ssl-opt", "network=cnn")
+    _check_run(planned, "autosslTrainer_semi_vit", {"student", "teacher"}, ["teacher"], ["loss_unsup", "mix_purity"])
+    ckpt = torch.load(_model(planned, "autosslTrainer_semi_vit") / "fold_0" / "checkpoint_final.pth",
+                      weights_only=True)
+    assert ckpt["inference_networks"] == [{"name": "teacher", "arch": "cnn"}]
+    assert any(k.startswith("encoder.stages.") for k in ckpt["networks"]["teacher"])
 
 
 def test_e2e_semi_vit_pipeline(planned, monkeypatch):

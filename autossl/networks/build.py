@@ -43,10 +43,11 @@ def architecture_entry(configuration: dict, kind: str, where: str = "the plans")
 
         entry = hybrid_architecture()
     if not entry:
-        hint = (" (this configuration has no transformer: its patch has no even axis)" if kind == "transformer"
-                and key in configuration else "")
-        raise ArchitectureError(f"{where}: no {key!r}{hint}; re-plan with autossl_plan_and_preprocess (nnU-Net "
-                                f"plans older than v2.5 lack 'architecture')")
+        if kind in ("transformer", "hybrid") and key in configuration:  # the planner wrote null
+            raise ArchitectureError(f"{where}: {key!r} is null: this configuration has no transformer (its patch "
+                                    f"has no even axis for Primus' patch embedding)")
+        raise ArchitectureError(f"{where}: no {key!r}; re-plan with autossl_plan_and_preprocess (nnU-Net plans "
+                                f"older than v2.5 lack 'architecture')")
     refs = entry.get("_kw_plans_entries") or ()
     if not refs:
         return entry
