@@ -252,6 +252,7 @@ class Trainer:
         self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
+        self._single_components: tuple[int, ...] | None = None  # decided from the labelled cases
         self._pretrained_loaded = False
         self._dropout_hooks: list = []  # a method's dropout: off during the supervised warm start
 
@@ -500,6 +501,23 @@ class Trainer:
                     f"them in imagesTrUnlabeled/ and rerun autossl_plan_and_preprocess -d {self.dataset_name}")
         if self.ctx is not None:
             self.ctx.unlabeled_cases = list(self.unlabeled_keys)
+            if (self.uses_unlabeled or self.rounds > 1) and not self.label_manager.has_regions \
+                    and self._single_components is None:
+                self._single_components = self._single_component_classes()
+                self.ctx.single_component_classes = self._single_components
+
+    def _single_component_classes(self) -> tuple[int, ...]:
+        """Classes the labelled training cases show to be one connected structure (per slice for
+        a 2d configuration): what pseudo-label cleaning may reduce to its largest component."""
+        from autossl.ssl.pseudo_label_cleaning import single_component_classes
+
+        segs = (storage.load_case(self.data_folder, k, mmap=False)[1] for k in self.tr_keys)
+        found = single_component_classes((s for s in segs if s is not None), self.label_manager.foreground_labels,
+                                         per_slice=len(self.patch_size) == 2)
+        self.logger.print(f"pseudo-label cleaning: the labelled cases show classes {list(found)} as one connected "
+                          f"structure{' per slice' if len(self.patch_size) == 2 else ''}"
+                          if found else "pseudo-label cleaning: no class is one connected structure in the labelled cases")
+        return found
 
     def _stream_seeds(self, stream: str, n: int) -> list[int]:
         ss = np.random.SeedSequence([self.seed, self.dist.rank, self.current_step, _STREAM_IDS[stream]])
