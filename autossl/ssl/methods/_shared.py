@@ -91,6 +91,20 @@ def clean_pseudo_labels(labels: torch.Tensor, ctx: TrainingContext, enabled: boo
     return cleaned
 
 
+def sharpen(probs: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:
+    """Temperature sharpening p_c^(1/T) / Σ_k p_k^(1/T) along ``dim`` (MixMatch, PseudoSeg, PAWS);
+    T = 1 leaves p as it is, T -> 0 tends to the one-hot argmax. Computed in log space."""
+    if not temperature > 0:
+        raise ValueError(f"sharpening temperature must be > 0, got {temperature}")
+    return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / temperature, dim)
+
+
+def is_distributed() -> bool:
+    """A DDP run with more than one process (a method's own modules then sync by hand)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 def has_unlabeled(unlabeled: dict | None) -> bool:
     return unlabeled is not None and unlabeled.get("data") is not None and unlabeled["data"].shape[0] > 0
 
