@@ -244,8 +244,13 @@ class Trainer:
             raise TrainingError(f"--unlabeled-ratio must be >= 0, got {ratio}")
         self.unlabeled_ratio = float(ratio)
         self.trainer_name = trainer_name(self.ssl, network)
-        # a run started from another run's weights is warm already: no supervised phase unless asked
-        default = 0.0 if pretrained_weights else self.method.default_warmup
+        # a run started from another run's weights is warm already: no supervised phase unless asked;
+        # a self-supervised pre-training holds an encoder only, so the method's warm start still runs
+        self._encoder_only_start = False
+        if pretrained_weights:
+            from autossl.training.warm_start import is_encoder_only_source
+            self._encoder_only_start = is_encoder_only_source(pretrained_weights, fold)
+        default = self.method.default_warmup if (not pretrained_weights or self._encoder_only_start) else 0.0
         self.warmup = float(default if warmup is None else warmup)
         if math.isnan(self.warmup) or self.warmup < 0:
             raise TrainingError(f"--warmup must be >= 0 (a share of the run below 1, iterations from 1), got {warmup}")
@@ -327,7 +332,7 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.ssl_start_step = w
             self.ctx.total_steps = self.total_steps
-            self.ctx.warm_started = w > 0 or self._pretrained_loaded
+            self.ctx.warm_started = w > 0 or (self._pretrained_loaded and not self._encoder_only_start)
 
     def _in_warmup(self) -> bool:
         return self.current_step < self.warmup_steps
