@@ -84,6 +84,11 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=float, default=None,
                     help="autossl_train --warmup for every semi-supervised method (default: the method's)")
     ap.add_argument("--tag", default="", help="label of these rows (variants of a method in one table)")
+    ap.add_argument("--pretrain", default=None, metavar="METHOD",
+                    help="start every row (supervised included) from one self-supervised pre-training of the "
+                         "dataset with autossl_pretrain --method METHOD, done once and reported beside the rows; "
+                         "the rows are tagged pt_METHOD")
+    ap.add_argument("--pretrain-steps", type=int, default=1000, help="iterations of that pre-training")
     ap.add_argument("--diagnostics", action="store_true",
                     help="pseudo-label Dice on a subset of the unlabelled pool over the run and at its end")
     ap.add_argument("--diag-cases", type=int, default=10, help="unlabelled cases scored by --diagnostics")
@@ -120,14 +125,20 @@ def main(argv=None) -> None:
                 print(f"[{ds}] planned and preprocessed in {t:.0f} s", flush=True)
             prepared[lab] = (ds, test_labels)
         ds, test_labels = prepared[lab]
+        pretrained = []
+        if args.pretrain:
+            pt_dir, pt_info = pretrain_once(ds, proto, plans, args, env, log)
+            pretrained = ["-pretrained_weights", str(pt_dir)]
         pool_labels = None
         if args.diagnostics and lab != "all":
             ds_all, _ = build_dataset(proto, args.protocol, "all", proto["base_id"] + 9, env, work, log)
             pool_labels = Path(env["autossl_raw"]) / ds_all / "labelsTr"
         for seed in args.seeds:
             tag = args.tag if method != "none" else ""
+            if args.pretrain:
+                tag = "_".join(t for t in (f"pt_{args.pretrain}", tag) if t)
             key = (lab, method, seed, tag)
-            pred = work / "predictions" / f"{ds}_{method}_s{seed}"
+            pred = work / "predictions" / f"{ds}_{method}_s{seed}{'_' + tag if tag else ''}"
             if key in done:
                 if "largest_component" not in done[key] and not tag and (pred / "summary.json").is_file():
                     done[key]["largest_component"] = evaluate_largest_component(pred, test_labels, proto)
@@ -143,7 +154,7 @@ def main(argv=None) -> None:
             train_cmd = ["autossl_train", ds, proto["config"], "all", "-p", plans, "--ssl", method,
                          "--epochs", str(m_epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
                          "--val-iterations", str(args.val_iterations),
-                         "--seed", str(seed), "-device", args.device, *ssl_opts, *warm]
+                         "--seed", str(seed), "-device", args.device, *ssl_opts, *warm, *pretrained]
             if snap_every:
                 train_cmd += ["--snapshot-every", str(snap_every)]
             model_dir = Path(env["autossl_results"]) / ds / f"{trainer_name(method)}__{plans}__{proto['config']}"
@@ -163,6 +174,8 @@ def main(argv=None) -> None:
             row.update(labeled=lab, method=method, seed=seed, tag=tag, warmup_iterations=w,
                        steps=w + (iterations - w) * per_it, iterations=iterations,
                        train_s=round(t_train, 1), predict_s=round(t_pred, 1), arithmetic_ratio=round(cost, 2))
+            if args.pretrain:
+                row["pretraining"] = pt_info
             if pool_labels is not None:
                 row["pseudo_label_dice"] = pseudo_label_course(model_dir, method, ds, proto, plans, pool_labels,
                                                                env, work, log, args, seed, tag)
@@ -171,6 +184,23 @@ def main(argv=None) -> None:
             print(format_row(row), flush=True)
     write_tables(list(done.values()), work, args)
     print((work / "results.md").read_text())
+
+
+def pretrain_once(ds: str, proto: dict, plans: str, args, env: dict, log: Path) -> tuple[Path, dict]:
+    """The dataset's self-supervised pre-training with ``args.pretrain`` (run once, reused by
+    every row); returns its results folder and {method, iterations, wall_s}."""
+    folder = Path(env["autossl_results"]) / ds / f"autosslPretrainer_{args.pretrain}__{plans}__{proto['config']}"
+    info_file = folder / "benchmark_pretraining.json"
+    if (folder / "fold_all" / "checkpoint_final.pth").is_file() and info_file.is_file():
+        return folder, json.loads(info_file.read_text())
+    epochs = max(1, args.pretrain_steps // args.iterations_per_epoch)
+    t = run(["autossl_pretrain", ds, proto["config"], "--method", args.pretrain, "-p", plans,
+             "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
+             "-device", args.device], env, log)
+    info = {"method": args.pretrain, "iterations": epochs * args.iterations_per_epoch, "wall_s": round(t, 1)}
+    info_file.write_text(json.dumps(info))
+    print(f"[{ds}] pre-training {args.pretrain}: {info['iterations']} iterations in {t:.0f} s", flush=True)
+    return folder, info
 
 
 def trainer_name(method: str) -> str:
@@ -293,8 +323,8 @@ def gain_summary(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         base = sup.get((r["labeled"], r["seed"]))
-        if r["method"] == "none" or base is None:
-            continue
+        if (r["method"] == "none" and not r.get("tag")) or base is None:
+            continue  # every row but the baseline itself, a pre-trained supervised row included
         gain = r["mean_dice"] - base
         upper = sup.get(("all", r["seed"]))
         closed = (f", {100 * gain / (upper - base):.0f}% of the {upper - base:.1f}-point gap to the upper bound"

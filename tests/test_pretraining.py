@@ -314,8 +314,11 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
         t = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl=ssl, device="cpu", epochs=1, iterations_per_epoch=1,
                     val_iterations=0, num_workers=0, verbose=False, pretrained_weights=p.output_folder_base)
         t.initialize()
+        # an encoder alone is no trained segmentation network: the method's warm start still runs
+        assert t.warmup == t.method.default_warmup
         chosen = t.load_pretrained_weights(t.pretrained_weights)
         assert set(chosen) == {s.name for s in t.specs if s.arch == "cnn"}
+        assert t.ctx.warm_started == (t.warmup_steps > 0)
         for name in chosen:
             sd = t.networks[name].state_dict()
             for k, v in final["encoder"].items():

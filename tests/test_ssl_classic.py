@@ -476,6 +476,7 @@ E2E_METHODS = {
     "fixmatch": ({"threshold": "0.5"}, ("loss_unsup", "pl_confidence", "pl_share")),
     "self_training": ({"threshold": "0.5"}, ("loss_sup", "loss_unsup", "round", "pl_share", "pl_confidence")),
     "entropy_min": ({}, ("loss_sup", "loss_unsup", "ramp_weight")),
+    "bcp": ({}, ("loss_in", "loss_out", "pl_foreground")),
 }
 
 
@@ -543,7 +544,7 @@ def test_method_trains_end_to_end_3d(e2e_env, method_name):
         assert not (trainer.output_folder / "pseudo_labels").exists()
 
 
-@pytest.mark.parametrize("method_name", ["cps_cutmix"])
+@pytest.mark.parametrize("method_name", ["cps_cutmix", "bcp"])
 def test_method_trains_end_to_end_2d(e2e_env, method_name):
     options, scalars = E2E_METHODS[method_name]
     _check_run(_train(method_name, "2d", options), method_name, scalars)

@@ -344,10 +344,11 @@ E2E = {
 }
 
 
-@pytest.mark.parametrize("method_name", list(E2E))
-def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
+def train_resume_and_predict(prepared, method_name: str, options: dict, monkeypatch, tmp_path, before_resume=None):
     """5 steps (2 supervised warm-start steps, then 3 semi-supervised), stopped after step 3 and
-    continued with --c from checkpoint_latest; then the model predicts a raw image."""
+    continued with --c from checkpoint_latest; then the model predicts a raw image. Checks the
+    steps, the resume, the logged scalars and the prediction; ``before_resume(trainer, latest)``
+    looks at checkpoint_latest first. Returns (trainer, checkpoint_final, training log text)."""
     from autossl.inference.predictor import Predictor
     from autossl.training.trainer import Trainer
 
@@ -355,7 +356,6 @@ def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("autossl_results", str(tmp_path / "results"))
     monkeypatch.setenv("autossl_n_proc_DA", "0")
-    options = E2E[method_name]
 
     def trainer():
         return Trainer(prepared["id"], prepared["configuration"], "all", plans=TINY, ssl=method_name,
@@ -379,27 +379,15 @@ def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
     t = trainer()
     latest = torch.load(t.output_folder / "checkpoint_latest.pth", map_location="cpu", weights_only=True)
     assert latest["current_step"] == 3 and latest["warmup_done"]
-    if method_name == "temporal_ensembling":
-        assert latest["ssl_state"]["updates"] == 1 and len(latest["ssl_state"]["ensemble"]["cases"]) == 4
-        shutil.rmtree(t.output_folder / "pseudo_labels")  # only the checkpoint keeps the ensemble
-    if method_name == "gct":
-        assert latest["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 1
+    if before_resume is not None:
+        before_resume(t, latest)
     t.run(continue_training=True)
     final = torch.load(t.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert final["current_step"] == 5
     text = "".join(p.read_text() for p in sorted(t.output_folder.glob("training_log_*.txt")))
     assert "continuing from" in text
-    last = next(line for line in text.splitlines()[::-1] if "epoch 5/5" in line)
     for name in create_method(method_name, **options).scalars:
         assert re.search(rf"\b{name} [-+0-9.einaf]+", text), f"{name} not in the training log"
-    if method_name == "temporal_ensembling":
-        assert float(re.search(r"target_share ([-+0-9.e]+)", last).group(1)) > 0  # targets from the checkpoint
-        assert final["ssl_state"]["updates"] == 1
-        assert {c["count"] for c in final["ssl_state"]["ensemble"]["cases"].values()} == {1}
-        assert not (t.output_folder / "pseudo_labels").exists()
-    if method_name == "gct":  # D continued from the checkpoint: 3 semi-supervised steps in all
-        assert final["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 3
-        assert set(final["networks"]) == {"cnn1", "cnn2"}
     # predict a raw image with the trained model
     raw = Path(prepared["env"]["autossl_raw"]) / prepared["name"] / "imagesTrUnlabeled"
     image = sorted(raw.iterdir())[0]
@@ -411,3 +399,28 @@ def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
     assert list(predictor.networks) == create_method(method_name, **options).inference_networks()
     written = predictor.predict_from_files(str(inputs), str(tmp_path / "pred"))
     assert len(written) == 1
+    return t, final, text
+
+
+@pytest.mark.parametrize("method_name", list(E2E))
+def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
+    """Train, stop after step 3, resume with --c, predict (``train_resume_and_predict``)."""
+
+    def before_resume(t, latest):
+        if method_name == "temporal_ensembling":
+            assert latest["ssl_state"]["updates"] == 1 and len(latest["ssl_state"]["ensemble"]["cases"]) == 4
+            shutil.rmtree(t.output_folder / "pseudo_labels")  # only the checkpoint keeps the ensemble
+        if method_name == "gct":
+            assert latest["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 1
+
+    t, final, text = train_resume_and_predict(prepared, method_name, E2E[method_name], monkeypatch, tmp_path,
+                                              before_resume)
+    last = next(line for line in text.splitlines()[::-1] if "epoch 5/5" in line)
+    if method_name == "temporal_ensembling":
+        assert float(re.search(r"target_share ([-+0-9.e]+)", last).group(1)) > 0  # targets from the checkpoint
+        assert final["ssl_state"]["updates"] == 1
+        assert {c["count"] for c in final["ssl_state"]["ensemble"]["cases"].values()} == {1}
+        assert not (t.output_folder / "pseudo_labels").exists()
+    if method_name == "gct":  # D continued from the checkpoint: 3 semi-supervised steps in all
+        assert final["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 3
+        assert set(final["networks"]) == {"cnn1", "cnn2"}

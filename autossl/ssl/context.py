@@ -47,6 +47,10 @@ class TrainingContext:
     #: ``-pretrained_weights``): automatic ramps are then short
     warm_started: bool = False
     rng: torch.Generator | None = None      # seeded generator for the method's own randomness
+    #: classes that the labelled training cases show to be one connected structure (per slice in
+    #: 2d): methods may remove their pseudo-labels' other components
+    #: (``autossl.ssl.pseudo_label_cleaning``); empty = clean nothing
+    single_component_classes: tuple[int, ...] = ()
     _logged: dict[str, list[float]] = field(default_factory=dict)
 
     @property

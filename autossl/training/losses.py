@@ -96,7 +96,9 @@ class SupervisedLoss:
                 continue
             m = None
             if mask is not None:
-                m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:], mode="nearest")
+                # the loader's own target downsampling (nearest-exact): a mask and its target stay aligned
+                m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:],
+                                                                            mode="nearest-exact")
             total = total + w * dice_ce_loss(o, t, batch_dice=self.batch_dice, ignore_index=self.ignore_index, mask=m)
         return total
 
@@ -149,6 +151,8 @@ class RegionSupervisedLoss:
                 continue
             m = None
             if mask is not None:
-                m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:], mode="nearest")
+                # the loader's own target downsampling (nearest-exact): a mask and its target stay aligned
+                m = mask if mask.shape[2:] == t.shape[2:] else F.interpolate(mask.float(), size=t.shape[2:],
+                                                                            mode="nearest-exact")
             total = total + w * self._one(o, t, m)
         return total

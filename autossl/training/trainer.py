@@ -245,14 +245,20 @@ class Trainer:
             raise TrainingError(f"--unlabeled-ratio must be >= 0, got {ratio}")
         self.unlabeled_ratio = float(ratio)
         self.trainer_name = trainer_name(self.ssl, network)
-        # a run started from another run's weights is warm already: no supervised phase unless asked
-        default = 0.0 if pretrained_weights else self.method.default_warmup
+        # a run started from another run's weights is warm already: no supervised phase unless asked;
+        # a self-supervised pre-training holds an encoder only, so the method's warm start still runs
+        self._encoder_only_start = False
+        if pretrained_weights:
+            from autossl.training.warm_start import is_encoder_only_source
+            self._encoder_only_start = is_encoder_only_source(pretrained_weights, fold)
+        default = self.method.default_warmup if (not pretrained_weights or self._encoder_only_start) else 0.0
         self.warmup = float(default if warmup is None else warmup)
         if math.isnan(self.warmup) or self.warmup < 0:
             raise TrainingError(f"--warmup must be >= 0 (a share of the run below 1, iterations from 1), got {warmup}")
         self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
+        self._single_components: tuple[int, ...] | None = None  # decided from the labelled cases
         self._pretrained_loaded = False
         self._dropout_hooks: list = []  # a method's dropout: off during the supervised warm start
 
@@ -327,7 +333,7 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.ssl_start_step = w
             self.ctx.total_steps = self.total_steps
-            self.ctx.warm_started = w > 0 or self._pretrained_loaded
+            self.ctx.warm_started = w > 0 or (self._pretrained_loaded and not self._encoder_only_start)
 
     def _in_warmup(self) -> bool:
         return self.current_step < self.warmup_steps
@@ -500,6 +506,23 @@ class Trainer:
                     f"them in imagesTrUnlabeled/ and rerun autossl_plan_and_preprocess -d {self.dataset_name}")
         if self.ctx is not None:
             self.ctx.unlabeled_cases = list(self.unlabeled_keys)
+            if (self.uses_unlabeled or self.rounds > 1) and not self.label_manager.has_regions \
+                    and self._single_components is None:
+                self._single_components = self._single_component_classes()
+                self.ctx.single_component_classes = self._single_components
+
+    def _single_component_classes(self) -> tuple[int, ...]:
+        """Classes the labelled training cases show to be one connected structure (per slice for
+        a 2d configuration): what pseudo-label cleaning may reduce to its largest component."""
+        from autossl.ssl.pseudo_label_cleaning import single_component_classes
+
+        segs = (storage.load_case(self.data_folder, k, mmap=False)[1] for k in self.tr_keys)
+        found = single_component_classes((s for s in segs if s is not None), self.label_manager.foreground_labels,
+                                         per_slice=len(self.patch_size) == 2)
+        self.logger.print(f"pseudo-label cleaning: the labelled cases show classes {list(found)} as one connected "
+                          f"structure{' per slice' if len(self.patch_size) == 2 else ''}"
+                          if found else "pseudo-label cleaning: no class is one connected structure in the labelled cases")
+        return found
 
     def _stream_seeds(self, stream: str, n: int) -> list[int]:
         ss = np.random.SeedSequence([self.seed, self.dist.rank, self.current_step, _STREAM_IDS[stream]])

@@ -50,6 +50,13 @@ def resolve_checkpoint(source: str | os.PathLike, fold) -> Path:
                         f"and {p / 'fold_all'}); train that run to the end first")
 
 
+def is_encoder_only_source(source: str | os.PathLike, fold) -> bool:
+    """Whether ``-pretrained_weights`` names a self-supervised pre-training (an encoder only:
+    the decoder and heads start untrained, so the run still needs its supervised warm start)
+    rather than a trained segmentation network."""
+    return is_pretraining_checkpoint(_read_checkpoint(resolve_checkpoint(source, fold)))
+
+
 def _read_checkpoint(path: Path):
     try:
         return load_torch_safely(path)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from autossl.ssl.context import TrainingContext
+from autossl.ssl.pseudo_label_cleaning import keep_largest_components
 from autossl.ssl.ramps import sigmoid_rampup
 from autossl.training.augmentation.strong import device_generator
 
@@ -70,6 +71,38 @@ def ramp_weight(lambda_max: float, rampup_fraction, ctx: TrainingContext) -> flo
         rampup_fraction = rampup_fraction[1] if ctx.warm_started else rampup_fraction[0]
     steps = int(round(rampup_fraction * ctx.ssl_total_steps))
     return lambda_max * sigmoid_rampup(ctx.ssl_step, steps)
+
+
+def clean_option(method) -> bool:
+    """The ``clean`` option (default true): hard pseudo-labels keep only the largest connected
+    component of each class the labelled cases show to be one structure
+    (``autossl.ssl.pseudo_label_cleaning``)."""
+    return method.option("clean", True)
+
+
+def clean_pseudo_labels(labels: torch.Tensor, ctx: TrainingContext, enabled: bool = True) -> torch.Tensor:
+    """Hard pseudo-labels (B, 1, *spatial) with the other components of every single-structure
+    class (``ctx.single_component_classes``) set to background; unchanged when ``enabled`` is
+    false or no class qualifies. Logs ``pl_cleaned``, the share of voxels changed."""
+    if not enabled or not ctx.single_component_classes:
+        return labels
+    cleaned = keep_largest_components(labels, ctx.single_component_classes)
+    ctx.log("pl_cleaned", (cleaned != labels).float().mean())
+    return cleaned
+
+
+def sharpen(probs: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:
+    """Temperature sharpening p_c^(1/T) / Σ_k p_k^(1/T) along ``dim`` (MixMatch, PseudoSeg, PAWS);
+    T = 1 leaves p as it is, T -> 0 tends to the one-hot argmax. Computed in log space."""
+    if not temperature > 0:
+        raise ValueError(f"sharpening temperature must be > 0, got {temperature}")
+    return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) / temperature, dim)
+
+
+def is_distributed() -> bool:
+    """A DDP run with more than one process (a method's own modules then sync by hand)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def has_unlabeled(unlabeled: dict | None) -> bool:

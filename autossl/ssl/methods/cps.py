@@ -16,7 +16,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import box_mask
@@ -28,9 +28,10 @@ def hard_labels(logits: torch.Tensor) -> torch.Tensor:
     return logits.detach().argmax(1, keepdim=True)
 
 
-def cross_pseudo_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
-    """CE(p1, argmax p2) + CE(p2, argmax p1); no gradient flows into the pseudo-labels."""
-    return ce_loss(logits1, hard_labels(logits2)) + ce_loss(logits2, hard_labels(logits1))
+def cross_pseudo_loss(logits1: torch.Tensor, logits2: torch.Tensor, clean=lambda y: y) -> torch.Tensor:
+    """CE(p1, argmax p2) + CE(p2, argmax p1); no gradient flows into the pseudo-labels, which
+    ``clean`` may edit (pseudo-label cleaning)."""
+    return ce_loss(logits1, clean(hard_labels(logits2))) + ce_loss(logits2, clean(hard_labels(logits1)))
 
 
 def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,8 @@ def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 @register("cps")
 class CPS(SSLMethod):
     """Options: lambda (0.1), rampup (1.0: the sigmoid ramp-up over the whole run; 0 = constant λ), cutmix (false), cutmix_min / cutmix_max (0.25 / 0.5: share of the patch the
-    box covers), inference (both|cnn1|cnn2)."""
+    box covers), inference (both|cnn1|cnn2), clean (true: pseudo-labels cleaned to the largest component of
+    single-structure classes)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight", "agreement")
     default_unlabeled_ratio = 1.0
@@ -63,6 +65,7 @@ class CPS(SSLMethod):
         if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
             raise ValueError(f"--ssl {self.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
         self.inference = check_choice(self.name, "inference", self.option("inference", "both"), ("both", "cnn1", "cnn2"))
+        self.clean = clean_option(self)
 
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("cnn1"), NetworkSpec("cnn2", seed_offset=1)]
@@ -83,8 +86,8 @@ class CPS(SSLMethod):
         pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
         n_u = x_u.shape[0]
         with torch.no_grad(), ctx.autocast():
-            y1 = hard_labels(main_output(ctx.networks["cnn1"](pool)))
-            y2 = hard_labels(main_output(ctx.networks["cnn2"](pool)))
+            y1 = clean_pseudo_labels(hard_labels(main_output(ctx.networks["cnn1"](pool))), ctx, self.clean)
+            y2 = clean_pseudo_labels(hard_labels(main_output(ctx.networks["cnn2"](pool))), ctx, self.clean)
         mask = box_mask(n_u, x_u.shape[2:], self.cutmix_fraction, cpu_generator(ctx), x_u.device)
         partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
         return tuple(cutmix(t[:n_u], t[partner], mask) for t in (pool, y1, y2))
@@ -108,10 +111,10 @@ class CPS(SSLMethod):
         loss_sup = ctx.supervised_loss(out1_l, labeled["target"]) + ctx.supervised_loss(out2_l, labeled["target"])
         m1, m2 = main_output(out1), main_output(out2)
         if pseudo1 is None:
-            loss_unsup = cross_pseudo_loss(m1, m2)
+            loss_unsup = cross_pseudo_loss(m1, m2, lambda y: clean_pseudo_labels(y, ctx, self.clean))
         else:  # labelled part: each other's argmax; mixed part: the mixed pseudo-labels
-            target_for_1 = torch.cat([hard_labels(m2[:n_l]), pseudo2])
-            target_for_2 = torch.cat([hard_labels(m1[:n_l]), pseudo1])
+            target_for_1 = torch.cat([clean_pseudo_labels(hard_labels(m2[:n_l]), ctx, self.clean), pseudo2])
+            target_for_2 = torch.cat([clean_pseudo_labels(hard_labels(m1[:n_l]), ctx, self.clean), pseudo1])
             loss_unsup = ce_loss(m1, target_for_1) + ce_loss(m2, target_for_2)
         weight = ramp_weight(self.lambda_max, self.rampup, ctx)
         agree_on = slice(n_l, None) if use_u else slice(None)

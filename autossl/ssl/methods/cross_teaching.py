@@ -14,7 +14,8 @@ over the unlabelled batch, background included, on the highest-resolution output
 200 "epochs": the whole run). No term forces the two networks to agree.
 
 Options (``--ssl-opt key=value``): lambda (0.2), rampup (1.0), ct_loss (dice|ce|dice_ce),
-sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5 lambda=0.1), predict (cnn|transformer|both; both averages the two softmaxes; the default is
+sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5 lambda=0.1), clean (true: pseudo-labels
+cleaned to the largest component of single-structure classes), predict (cnn|transformer|both; both averages the two softmaxes; the default is
 the ``network`` option, i.e. the CNN unless ``autossl_train --network transformer``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.methods._shared import check_choice, has_unlabeled, ramp_weight, rampup_option, split_output
+from autossl.ssl.methods._shared import check_choice, clean_option, clean_pseudo_labels, has_unlabeled, ramp_weight, rampup_option, split_output
 from autossl.ssl.registry import register
 from autossl.training.losses import ce_loss, soft_dice_loss
 
@@ -61,10 +62,13 @@ def hard_pseudo_label(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cross_teaching_terms(logits_cnn: torch.Tensor, logits_vit: torch.Tensor,
-                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ct_dice
+                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ct_dice,
+                         clean: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_ct(p_cnn, ŷ_vit), L_ct(p_vit, ŷ_cnn)): each network learns from the other's argmax."""
-    return loss(logits_cnn, hard_pseudo_label(logits_vit)), loss(logits_vit, hard_pseudo_label(logits_cnn))
+    """(L_ct(p_cnn, ŷ_vit), L_ct(p_vit, ŷ_cnn)): each network learns from the other's argmax
+    (edited by ``clean``: pseudo-label cleaning)."""
+    return (loss(logits_cnn, clean(hard_pseudo_label(logits_vit))),
+            loss(logits_vit, clean(hard_pseudo_label(logits_cnn))))
 
 
 @register("cross_teaching")
@@ -82,6 +86,7 @@ class CrossTeaching(SSLMethod):
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         predict = self.option("predict", self.option("inference", main))
         self.predict = check_choice(self.name, "predict", predict, ("cnn", "transformer", "both"))
+        self.clean = clean_option(self)
         if self.lambda_max < 0 or self.sup_weight <= 0:
             raise ValueError(f"--ssl cross_teaching: need lambda >= 0, sup_weight > 0; got "
                              f"{self.lambda_max}, {self.sup_weight}")
@@ -113,7 +118,8 @@ class CrossTeaching(SSLMethod):
         loss = loss_sup_cnn + loss_sup_vit
         if use_u:
             m_cnn, m_vit = main_output(out_cnn)[n_l:], main_output(out_vit)[n_l:]
-            l_cnn, l_vit = cross_teaching_terms(m_cnn, m_vit, self.ct_loss)
+            l_cnn, l_vit = cross_teaching_terms(m_cnn, m_vit, self.ct_loss,
+                                                lambda y: clean_pseudo_labels(y, ctx, self.clean))
             loss_ct = l_cnn + l_vit
             loss = loss + weight * loss_ct
             ctx.log("loss_ct", loss_ct)

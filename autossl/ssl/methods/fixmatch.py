@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import cpu_generator, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output
+from autossl.ssl.methods._shared import clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output
 from autossl.ssl.registry import register
 from autossl.training.augmentation.strong import cutout
 
@@ -35,7 +35,8 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 
 @register("fixmatch")
 class FixMatch(SSLMethod):
-    """Options: threshold (0.95), lambda (1.0), rampup (1.0: the whole run; 0 = constant λ_u), cutout (true),
+    """Options: threshold (0.95), lambda (1.0), clean (true: pseudo-labels cleaned to the largest
+    component of single-structure classes), rampup (1.0: the whole run; 0 = constant λ_u), cutout (true),
     cutout_min / cutout_max (0.05 / 0.25: share of the patch erased)."""
 
     scalars = ("loss_sup", "loss_unsup", "pl_confidence", "pl_share")
@@ -50,6 +51,7 @@ class FixMatch(SSLMethod):
         self.rampup = rampup_option(self, cold=1.0)
         self.cutout = self.option("cutout", True)
         self.cutout_fraction = (self.option("cutout_min", 0.05), self.option("cutout_max", 0.25))
+        self.clean = clean_option(self)
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"--ssl fixmatch: threshold must be in [0, 1], got {self.threshold}")
 
@@ -84,6 +86,7 @@ class FixMatch(SSLMethod):
         with torch.no_grad(), ctx.autocast():
             weak_logits = main_output(net(weak))
         labels, mask, conf = confident_pseudo_labels(weak_logits, self.threshold)
+        labels = clean_pseudo_labels(labels, ctx, self.clean)
         with ctx.autocast():
             out_l, out_s = split_output(net(torch.cat([x_l, self.strong_view(weak, ctx)])), n_l)
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])

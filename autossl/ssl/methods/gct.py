@@ -56,8 +56,8 @@ from torch.func import functional_call
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
-                                         require_label_maps, split_output)
+from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, is_distributed, ramp_weight,
+                                         rampup_option, require_label_maps, split_output)
 from autossl.ssl.registry import register
 
 
@@ -151,11 +151,6 @@ def fc_loss(flawmap: torch.Tensor, both_bad: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the flaw detector
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
 class FlawDetector(nn.Module):
     """D(image, softmax) -> flaw map (B, 1, *spatial), unactivated (as the code; MSE against
     targets in [0, 1]). 2D or 3D; any patch size (stride-2 convolutions, then linear
@@ -253,7 +248,7 @@ class GCT(SSLMethod):
                 torch.manual_seed(seed)
                 fd = FlawDetector(in_channels, dim, self.fd_features)
             self.fd = fd.to(x.device)
-            if _distributed():  # ctx.rng differs per rank: every rank starts from rank 0's weights
+            if is_distributed():  # ctx.rng differs per rank: every rank starts from rank 0's weights
                 for t in self.fd.parameters():
                     torch.distributed.broadcast(t.data, 0)
             self.fd_optimizer = torch.optim.Adam(self.fd.parameters(), lr=self.fd_lr, betas=(0.9, 0.99))
@@ -270,7 +265,7 @@ class GCT(SSLMethod):
     def _fd_step(self, loss: torch.Tensor, ctx: TrainingContext) -> None:
         self.fd_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if _distributed():  # one flaw detector for all ranks: average its gradients
+        if is_distributed():  # one flaw detector for all ranks: average its gradients
             ws = torch.distributed.get_world_size()
             for p in self.fd.parameters():
                 if p.grad is None:

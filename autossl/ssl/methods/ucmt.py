@@ -39,7 +39,9 @@ Choices (documented in documentation/ssl_methods.md):
 Options: weight (0.1), rampup (0.2), ema_decay (0.99), teacher_mix (0.99, student 1's share of the
 EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
 views (blur|strong|none), predict (teacher|students), network (cnn|transformer: the students' and
-teacher's architecture; ``autossl_train --network transformer`` sets it).
+teacher's architecture; ``autossl_train --network transformer`` sets it), clean (true: the
+teacher's and the students' hard pseudo-labels keep only the largest component of each class the
+labelled cases show to be one structure).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ import torch.nn.functional as F
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.ema import ema_update, warmup_decay
-from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option, split_output
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled,
+                                         ramp_weight, rampup_option, split_output)
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
@@ -117,6 +120,7 @@ class UCMT(SSLMethod):
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
+        self.clean = clean_option(self)
         ranges_ok = 0 <= self.ema_decay <= 1 and 0 <= self.teacher_mix <= 1
         if not ranges_ok or min(self.grid, self.topk, self.weight) < 0:
             raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk, weight >= 0; "
@@ -175,7 +179,8 @@ class UCMT(SSLMethod):
             zero = loss_sup.new_zeros(())
             return loss_sup, zero, zero, None
         m1, m2 = main_output(out1)[n_l:], main_output(out2)[n_l:]
-        y1, y2 = m1.detach().argmax(1, keepdim=True), m2.detach().argmax(1, keepdim=True)
+        y1 = clean_pseudo_labels(m1.detach().argmax(1, keepdim=True), ctx, self.clean)
+        y2 = clean_pseudo_labels(m2.detach().argmax(1, keepdim=True), ctx, self.clean)
         loss_x = ucmt_dice(m1, y2) + ucmt_dice(m2, y1)
         loss_u = ucmt_dice(m1, pseudo_t) + ucmt_dice(m2, pseudo_t)
         agreement = (y1 == y2).float().mean()
@@ -196,7 +201,7 @@ class UCMT(SSLMethod):
             out1, out2 = s1(v1), s2(v2)
         with torch.no_grad(), ctx.autocast():
             p_t = torch.softmax(main_output(teacher(x)).float(), 1)
-        pseudo_t = p_t[n_l:].argmax(1, keepdim=True) if use_u else None
+        pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
         weight = self.weight * ramp_weight(1.0, self.rampup, ctx)
         loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx)
         ctx.log("loss_sup", loss_sup)
