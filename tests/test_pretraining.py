@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autossl.components.errors import TrainingError
 from autossl.pretraining.base import StepContext, cosine_momentum, ema_update, embedding_std
 from autossl.pretraining.losses import info_nce, in_batch_info_nce, negative_cosine, normalized_mse, nt_xent, sinkhorn
 from autossl.pretraining.registry import available_methods, create_method
-from autossl.training.errors import TrainingError
 from test_training import TINY, prepare_dataset
 
 torch.set_num_threads(1)

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autossl import paths
+from autossl.components.budget import parse_budget
+from autossl.components.dataloading.splits import SPLITS_FILE, load_or_create_splits
+from autossl.components.errors import TrainingError
+from autossl.components.resolve import resolve_configuration
 from autossl.preprocessing import storage
-from autossl.training.budget import parse_budget
-from autossl.training.dataloading.splits import SPLITS_FILE, load_or_create_splits
-from autossl.training.errors import TrainingError
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json
 
@@ -58,8 +59,6 @@ class CrossvalResult:
 def plan_crossval(dataset: str | int, configuration: str, plans: str) -> CrossvalPlan:
     """The folds to train for ``dataset``/``configuration`` (creating ``splits_final.json`` as a
     fold's training would)."""
-    from autossl.training.trainer import resolve_configuration
-
     try:
         name = find_dataset_name(dataset)
     except FileNotFoundError as e:

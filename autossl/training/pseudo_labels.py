@@ -9,10 +9,10 @@ import blosc2
 import numpy as np
 import torch
 
+from autossl.components.dataloading.augmenter import BatchStream
+from autossl.components.errors import TrainingError
 from autossl.preprocessing import storage
 from autossl.training import ddp
-from autossl.training.dataloading.augmenter import BatchStream
-from autossl.training.errors import TrainingError
 from autossl.utilities.file_io import atomic_path
 
 

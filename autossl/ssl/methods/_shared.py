@@ -5,9 +5,9 @@ from typing import Any
 
 import torch
 
+from autossl.components.augmentation.strong import device_generator
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.ramps import sigmoid_rampup
-from autossl.training.augmentation.strong import device_generator
 
 
 def cpu_generator(ctx: TrainingContext) -> torch.Generator:
