@@ -42,6 +42,7 @@ from autossl.components.logger import TrainingLogger
 from autossl.components.losses import RegionSupervisedLoss, SupervisedLoss
 from autossl.components.resolve import resolve_configuration, resolve_device
 from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision, add_dropout
+from autossl.networks.norms import instance_norm_as_group_norm
 from autossl.preprocessing import storage
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
@@ -52,7 +53,7 @@ from autossl.training.budget_fit import apply_budget
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import (build_optimizer, build_schedule, clip_gradients, has_gradients, optimizer_configs,
                                     round_boundaries)
-from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
+from autossl.training.speed import training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json, save_json
 from autossl.utilities.label_handling import LabelManager
