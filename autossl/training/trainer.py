@@ -41,14 +41,14 @@ from autossl.components.errors import TrainingError, TrainingInterrupted
 from autossl.components.logger import TrainingLogger
 from autossl.components.losses import RegionSupervisedLoss, SupervisedLoss
 from autossl.components.resolve import resolve_configuration, resolve_device
+from autossl.inference.predictor import Predictor
 from autossl.networks.build import build_network, has_deep_supervision, set_deep_supervision, add_dropout
 from autossl.networks.norms import instance_norm_as_group_norm
 from autossl.preprocessing import storage
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.registry import create_method
-from autossl.training import ddp
-from autossl.training import pseudo_labels
+from autossl.training import ddp, final_validation, pseudo_labels, warm_start
 from autossl.training.budget_fit import apply_budget
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import (build_optimizer, build_schedule, clip_gradients, has_gradients, optimizer_configs,
@@ -339,9 +339,7 @@ class Trainer:
 
     def load_pretrained_weights(self, source: str | os.PathLike) -> dict[str, str]:
         """See ``autossl.training.warm_start.load_pretrained_weights``."""
-        from autossl.training.warm_start import load_pretrained_weights
-
-        chosen = load_pretrained_weights(self, source)
+        chosen = warm_start.load_pretrained_weights(self, source)
         self._pretrained_loaded = True
         self._sync_phases()
         return chosen
@@ -991,9 +989,19 @@ class Trainer:
     def perform_final_validation(self) -> dict | None:
         """Predict the fold's validation cases with the real predictor into fold_X/validation/ and
         evaluate them against gt_segmentations into validation/summary.json."""
-        from autossl.training.final_validation import run_final_validation
+        return final_validation.run_final_validation(self)
 
-        return run_final_validation(self)
+    def make_predictor(self, allow_tqdm: bool = False) -> Predictor:
+        """A Predictor around the live inference networks (the final validation, pseudo-labels)."""
+        names = self.method.inference_networks()
+        arch = {s.name: s.arch for s in self.specs}
+        predictor = Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=self.device,
+                              verbose=False, allow_tqdm=allow_tqdm)
+        predictor.manual_initialization(None, [{"name": n, "arch": arch[n]} for n in names], self.plans,
+                                        self.configuration, self.dataset_json, self.geometry.mirror_axes,
+                                        networks={n: self.networks[n] for n in names},
+                                        trainer_name=self.trainer_name)
+        return predictor
 
 
 class _LazyStrongAugment:
