@@ -174,7 +174,7 @@ def main(argv=None) -> None:
 
 
 def trainer_name(method: str) -> str:
-    from autossl.cli.predict import trainer_name as name
+    from autossl.training.naming import trainer_name as name
 
     return name(method)
 

@@ -137,7 +137,7 @@ class _FakeTrainer:
 
     def __init__(self, dataset, configuration, fold, *, plans, npz=False, budget=None, **kw):
         from autossl import paths
-        from autossl.training.trainer import trainer_name
+        from autossl.training.naming import trainer_name
 
         self.fold, self.budget = fold, budget
         self.folder = paths.results_dir() / "Dataset971_CV2D" / \

@@ -503,7 +503,8 @@ def _train(ssl: str, configuration: str, options: dict, *, epochs: int = 2, iter
     import shutil
 
     from autossl import paths
-    from autossl.training.trainer import Trainer, trainer_name
+    from autossl.training.naming import trainer_name
+    from autossl.training.trainer import Trainer
 
     shutil.rmtree(paths.results_dir() / E2E_NAME / f"{trainer_name(ssl)}__autosslPlans__{configuration}",
                   ignore_errors=True)

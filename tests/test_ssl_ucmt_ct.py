@@ -430,7 +430,7 @@ def test_e2e_ucmt(planned):
 
 def test_e2e_supervised_transformer(planned):
     _train(planned, "--network", "transformer")
-    from autossl.training.trainer import trainer_name
+    from autossl.training.naming import trainer_name
 
     name = trainer_name("none", "transformer")
     cfg = planned["configuration"]

@@ -50,6 +50,7 @@ from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.registry import create_method
 from autossl.training import ddp, final_validation, pseudo_labels, warm_start
 from autossl.training.budget_fit import apply_budget
+from autossl.training.naming import trainer_name
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import (build_optimizer, build_schedule, clip_gradients, has_gradients, optimizer_configs,
                                     round_boundaries)
@@ -65,13 +66,6 @@ OVERSAMPLE_FOREGROUND = 0.33
 BUDGET_WARMUP_STEPS = 3
 BUDGET_MEASURE_STEPS = 10
 _STREAM_IDS = {"train": 1, "val": 2, "unlabeled": 3}
-
-
-def trainer_name(ssl: str, network: str = "cnn") -> str:
-    """``autosslTrainer`` (``--ssl none``), ``autosslTrainer_<method>``; ``_transformer`` appended
-    for ``--network transformer``."""
-    name = "autosslTrainer" if ssl in ("none", "", None) else f"autosslTrainer_{ssl}"
-    return name + ("_transformer" if network == "transformer" else "")
 
 
 def _env_flag(name: str) -> bool:
