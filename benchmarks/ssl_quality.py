@@ -204,7 +204,7 @@ def pretrain_once(ds: str, proto: dict, plans: str, args, env: dict, log: Path) 
 
 
 def trainer_name(method: str) -> str:
-    from autossl.cli.predict import trainer_name as name
+    from autossl.training.naming import trainer_name as name
 
     return name(method)
 

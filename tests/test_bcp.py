@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from autossl.ssl.methods.bcp import BCP, bidirectional_mix, mixed_loss
 from autossl.ssl.pseudo_label_cleaning import keep_largest_components, single_component_classes
 from autossl.ssl.registry import create_method
-from autossl.training.losses import SupervisedLoss
+from autossl.components.losses import SupervisedLoss
 
 
 def test_single_component_classes_reads_the_labelled_cases():

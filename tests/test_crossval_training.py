@@ -137,7 +137,7 @@ class _FakeTrainer:
 
     def __init__(self, dataset, configuration, fold, *, plans, npz=False, budget=None, **kw):
         from autossl import paths
-        from autossl.training.trainer import trainer_name
+        from autossl.training.naming import trainer_name
 
         self.fold, self.budget = fold, budget
         self.folder = paths.results_dir() / "Dataset971_CV2D" / \
@@ -186,7 +186,7 @@ def test_budget_is_shared_by_the_folds_still_to_train(cv, monkeypatch):
 
 def test_too_few_labelled_cases_for_a_cross_validation(tmp_path, monkeypatch, capsys):
     from autossl.training.crossval import plan_crossval
-    from autossl.training.errors import TrainingError
+    from autossl.components.errors import TrainingError
 
     monkeypatch.setenv("autossl_preprocessed", str(tmp_path / "pre"))
     monkeypatch.setenv("autossl_raw", str(tmp_path / "raw"))

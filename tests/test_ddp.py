@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, env: dict, dataset_id: int, out: s
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "autossl_n_proc_DA": "0"})
     torch.set_num_threads(1)
-    from autossl.ssl.ema import unwrap
+    from autossl.components.ema import unwrap
     from autossl.training import ddp
     from autossl.training.trainer import Trainer
 

@@ -505,13 +505,16 @@ def test_cli_errors(tmp_path, monkeypatch, capsys, raw3d):
     assert rc == 0 and len(list((tmp_path / "o2").glob("*.nii.gz"))) == 3
 
 
-def test_cli_trainer_name_matches_the_trainer():
-    from autossl.cli.predict import trainer_name
-    from autossl.training.trainer import trainer_name as train_name
+def test_the_trainer_naming_imports_neither_the_trainer_nor_torch():
+    """``autossl_predict`` and model selection find a model folder by the trainer's name."""
+    import subprocess
+    import sys
 
-    for ssl in ("none", "ucmt", "mean_teacher"):
-        for network in ("cnn", "transformer"):
-            assert trainer_name(ssl, network) == train_name(ssl, network)
+    code = ("import sys; from autossl.training.naming import trainer_name; "
+            "assert trainer_name('none') == 'autosslTrainer' and trainer_name('ucmt', 'transformer') == "
+            "'autosslTrainer_ucmt_transformer'; "
+            "assert 'torch' not in sys.modules and 'autossl.training.trainer' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_ensemble_cli_errors(tmp_path, capsys):

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autossl.pretraining.base import StepContext, cosine_momentum, ema_update, embedding_std
+from autossl.components.ema import ema_update
+from autossl.components.errors import TrainingError
+from autossl.pretraining.base import StepContext, cosine_momentum, embedding_std
 from autossl.pretraining.losses import info_nce, in_batch_info_nce, negative_cosine, normalized_mse, nt_xent, sinkhorn
 from autossl.pretraining.registry import available_methods, create_method
-from autossl.training.errors import TrainingError
 from test_training import TINY, prepare_dataset
 
 torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def test_ema_update_and_byols_cosine_momentum():
     with torch.no_grad():
         t.weight.fill_(1.0)
         o.weight.fill_(3.0)
-    ema_update(t, o, 0.9)
+    ema_update(t, [o], 0.9)
     assert float(t.weight.detach()) == pytest.approx(1.2)
     assert cosine_momentum(0.996, 0, 100) == pytest.approx(0.996)
     assert cosine_momentum(0.996, 50, 100) == pytest.approx(0.998)

@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autossl.components.augmentation.strong import OPS, StrongIntensityAugment, box_mask, cutout, random_box
+from autossl.components.losses import SupervisedLoss
 from autossl.ssl.base import SSLMethod
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.registry import available_methods, create_method
-from autossl.training.augmentation.strong import OPS, StrongIntensityAugment, box_mask, cutout, random_box
-from autossl.training.losses import SupervisedLoss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_uamt_entropy_threshold_and_mask():
 # ----------------------------------------------------------------------------- CPS
 def test_cps_cross_loss_uses_the_other_networks_argmax_without_gradient():
     from autossl.ssl.methods.cps import cross_pseudo_loss, hard_labels
-    from autossl.training.losses import ce_loss
+    from autossl.components.losses import ce_loss
     l1 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 2).requires_grad_()   # argmax (0, 1)
     l2 = torch.tensor([[0.0, 3.0], [1.0, 0.0]]).T.reshape(1, 2, 2).requires_grad_()   # argmax (1, 0)
     loss = cross_pseudo_loss(l1, l2)
@@ -504,7 +504,8 @@ def _train(ssl: str, configuration: str, options: dict, *, epochs: int = 2, iter
     import shutil
 
     from autossl import paths
-    from autossl.training.trainer import Trainer, trainer_name
+    from autossl.training.naming import trainer_name
+    from autossl.training.trainer import Trainer
 
     shutil.rmtree(paths.results_dir() / E2E_NAME / f"{trainer_name(ssl)}__autosslPlans__{configuration}",
                   ignore_errors=True)

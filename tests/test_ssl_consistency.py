@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autossl.components.losses import SupervisedLoss
 from autossl.ssl.registry import available_methods, create_method
-from autossl.training.losses import SupervisedLoss
 from test_ssl_classic import conv1x1, labeled_batch, make_ctx
 from test_training import TINY, prepare_dataset
 

@@ -16,7 +16,7 @@ from autossl.ssl.methods._shared import sharpen
 from autossl.ssl.methods.paws import (gather_voxels, me_max, paws_ce, sample_support, snn, support_labels)
 from autossl.ssl.methods.pseudoseg import attention_refine, calibrated_fusion, cam_stage, grad_cam, max_normalise
 from autossl.ssl.registry import available_methods, create_method
-from autossl.training.losses import SupervisedLoss
+from autossl.components.losses import SupervisedLoss
 from test_ssl_classic import make_ctx, zero_sup
 from test_ssl_consistency import train_resume_and_predict
 from test_training import prepare_dataset

@@ -12,14 +12,14 @@ import torch.nn as nn
 
 from autossl.networks.build import ArchitectureError, architecture_entry, build_network
 from autossl.networks.semiformer import FusionModule, Semiformer, resize_to
-from autossl.planning.transformer import hybrid_architecture
+from autossl.networks.entries import hybrid_architecture
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.methods.fixmatch import masked_ce
 from autossl.ssl.methods.semi_vit import (SemiViT, partners, probabilistic_pseudo_mixup, pseudo_mixup_weight,
                                           soft_cross_entropy)
 from autossl.ssl.methods.semiformer import Semiformer as SemiformerMethod
 from autossl.ssl.registry import create_method
-from autossl.training.losses import SupervisedLoss
+from autossl.components.losses import SupervisedLoss
 from test_ssl_ucmt_ct import _check_run, _train, planned  # noqa: F401  (planned: the 2d / 3d_fullres fixture)
 
 torch.set_num_threads(1)
@@ -362,7 +362,8 @@ def test_e2e_semi_vit_pipeline(planned, monkeypatch):
     --ssl semi_vit from the supervised checkpoint -> predict."""
     from autossl.cli.pretrain import main as pretrain_main
     from autossl.pretraining.trainer import pretrainer_name
-    from autossl.training.trainer import Trainer, trainer_name
+    from autossl.training.naming import trainer_name
+    from autossl.training.trainer import Trainer
 
     cfg, ident = planned["configuration"], planned["plans"]
     assert pretrain_main([str(planned["id"]), cfg, "-p", ident, "--method", "simmim", "--network", "transformer",

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autossl.components.ema import ema_update
+from autossl.components.losses import SupervisedLoss
 from autossl.networks.build import build_network
 from autossl.networks.transformer2d import Primus2D
 from autossl.ssl.context import TrainingContext
-from autossl.ssl.ema import ema_update
 from autossl.ssl.methods.cross_teaching import CrossTeaching, ct_dice, cross_teaching_terms
 from autossl.ssl.methods.ucmt import UCMT, mean_entropy_uncertainty, target_pyramid
 from autossl.ssl.registry import create_method
 from autossl.ssl.umix import umix, umix_indices
-from autossl.training.losses import SupervisedLoss
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -430,7 +430,7 @@ def test_e2e_ucmt(planned):
 
 def test_e2e_supervised_transformer(planned):
     _train(planned, "--network", "transformer")
-    from autossl.training.trainer import trainer_name
+    from autossl.training.naming import trainer_name
 
     name = trainer_name("none", "transformer")
     cfg = planned["configuration"]

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from autossl.components.budget import parse_budget, plan_steps
+from autossl.components.checkpoint import REQUIRED_KEYS
+from autossl.components.dataloading.splits import generate_crossval_split, split_for_fold
 from autossl.preprocessing import storage
-from autossl.training.budget import parse_budget, plan_steps
-from autossl.training.checkpoint import REQUIRED_KEYS
-from autossl.training.dataloading.splits import generate_crossval_split, split_for_fold
 from autossl.training.ddp import split_batch
 from autossl.training.optim import PolyWarmupSchedule
 from autossl.utilities.file_io import load_json, save_json
@@ -221,9 +221,9 @@ def test_ddp_batch_split_matches_nnunet():
 # loaders
 # ----------------------------------------------------------------------------------------------
 def test_labeled_batches_have_documented_format_and_foreground(ds3d):
-    from autossl.training.augmentation.pipelines import augmentation_geometry, training_transforms
-    from autossl.training.dataloading.dataset import PreprocessedCases
-    from autossl.training.dataloading.loaders import LabeledDataLoader
+    from autossl.components.augmentation.pipelines import augmentation_geometry, training_transforms
+    from autossl.components.dataloading.dataset import PreprocessedCases
+    from autossl.components.dataloading.loaders import LabeledDataLoader
 
     np.random.seed(0)
     torch.manual_seed(0)
@@ -249,9 +249,9 @@ def test_labeled_batches_have_documented_format_and_foreground(ds3d):
 def test_unlabeled_loader_never_reads_segmentations(ds3d, monkeypatch, tmp_path):
     import blosc2
 
-    from autossl.training.augmentation.pipelines import augmentation_geometry, weak_transforms
-    from autossl.training.dataloading.dataset import PreprocessedCases
-    from autossl.training.dataloading.loaders import UnlabeledDataLoader
+    from autossl.components.augmentation.pipelines import augmentation_geometry, weak_transforms
+    from autossl.components.dataloading.dataset import PreprocessedCases
+    from autossl.components.dataloading.loaders import UnlabeledDataLoader
 
     unl = storage.unlabeled_folder(ds3d["data"])
     cases = storage.list_cases(unl)
@@ -477,8 +477,8 @@ def test_region_labels_train_with_sigmoid_loss(ds2d, monkeypatch, tmp_path):
 
 
 def test_pseudo_dice_counts_and_ignore_label_sampling(ds3d):
-    from autossl.training.dataloading.dataset import PreprocessedCases
-    from autossl.training.dataloading.loaders import LabeledDataLoader
+    from autossl.components.dataloading.dataset import PreprocessedCases
+    from autossl.components.dataloading.loaders import LabeledDataLoader
     from autossl.training.metrics import dice_from_counts, tp_fp_fn
 
     target = torch.tensor([[[0, 1, 1, 2, 3, 3]]])  # 3 = ignore label
@@ -500,7 +500,7 @@ def test_pseudo_dice_counts_and_ignore_label_sampling(ds3d):
 def test_plans_optimizer_entry_sets_the_cnn_optimizer(ds2d):
     """A configuration's "optimizer" entry (the CPU plans' 2D AdamW) replaces the CNN's SGD, its lr
     drives the schedule, and a malformed entry is an error naming the plans file."""
-    from autossl.training.errors import TrainingError
+    from autossl.components.errors import TrainingError
 
     plans_file = ds2d["preprocessed"] / f"{TINY}.json"
     original = load_json(plans_file)

@@ -7,6 +7,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
+from autossl.networks.norms import instance_norm_as_group_norm
 from autossl.training import speed
 
 
@@ -28,7 +29,7 @@ def _unet(dim: int) -> nn.Module:
 def test_instance_norm_as_group_norm_same_outputs_gradients_and_keys(dim):
     ref, fast = _unet(dim), _unet(dim)
     n_norms = sum(isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)) for m in ref.modules())
-    assert speed.instance_norm_as_group_norm(fast) == n_norms > 0
+    assert instance_norm_as_group_norm(fast) == n_norms > 0
     assert not any(isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d)) for m in fast.modules())
     assert sum(isinstance(m, nn.GroupNorm) for m in fast.modules()) == n_norms
     assert list(ref.state_dict()) == list(fast.state_dict())  # checkpoints stay interchangeable
@@ -53,7 +54,7 @@ def test_instance_norm_as_group_norm_same_outputs_gradients_and_keys(dim):
 def test_instance_norm_with_running_stats_is_left_alone():
     net = nn.Sequential(nn.Conv3d(1, 4, 3), nn.InstanceNorm3d(4, affine=True, track_running_stats=True),
                         nn.InstanceNorm3d(4))
-    assert speed.instance_norm_as_group_norm(net) == 1
+    assert instance_norm_as_group_norm(net) == 1
     assert isinstance(net[1], nn.InstanceNorm3d) and isinstance(net[2], nn.GroupNorm)
     assert net[2].weight is None  # affine=False stays without parameters
 

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
+from autossl.components.errors import TrainingError
 from autossl.ssl.registry import create_method
-from autossl.training.errors import TrainingError
 from autossl.training.optim import PolyWarmupSchedule
 from test_training import TINY, _trainer, _use, prepare_dataset
 
@@ -214,7 +214,7 @@ class _Payload:
 
 
 def test_a_checkpoint_carrying_a_pickled_object_is_refused(ds, supervised_run, tmp_path):
-    from autossl.training.checkpoint import load_checkpoint
+    from autossl.components.checkpoint import load_checkpoint
 
     ckpt = torch.load(supervised_run.output_folder / "checkpoint_final.pth", weights_only=True)
     ckpt["init_args"]["payload"] = _Payload()

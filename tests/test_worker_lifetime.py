@@ -110,7 +110,7 @@ def test_sigkill_of_the_trainer_ends_its_loader_workers(ds, tmp_path):
 def test_sigterm_stops_between_steps_and_c_continues(ds, tmp_path):
     import torch
 
-    from autossl.training.checkpoint import load_checkpoint
+    from autossl.components.checkpoint import load_checkpoint
     from autossl.training.trainer import Trainer
 
     proc, out, workers = _start_training(ds, tmp_path)

@@ -62,19 +62,13 @@ def _cuda() -> bool:
         return False
 
 
-def trainer_name(ssl: str, network: str = "cnn") -> str:
-    """The trainer's folder naming (``autossl.training.trainer.trainer_name``, repeated here so that
-    predicting does not import the trainer; a test keeps the two equal)."""
-    name = "autosslTrainer" if ssl in ("none", "", None) else f"autosslTrainer_{ssl}"
-    return name + ("_transformer" if network == "transformer" else "")
-
-
 def model_folder_from_args(args) -> Path:
     if args.m:
         return Path(args.m)
     if args.d is None or args.c is None:
         raise ValueError("give -d DATASET and -c CONFIGURATION (or -m MODEL_FOLDER)")
     from autossl import paths
+    from autossl.training.naming import trainer_name
     from autossl.utilities.dataset_name import find_dataset_name
 
     trainer = args.tr or trainer_name(args.ssl, args.network)

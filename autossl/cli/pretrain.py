@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from autossl.paths import PathNotConfiguredError
     from autossl.pretraining.registry import available_methods
     from autossl.pretraining.trainer import Pretrainer
-    from autossl.training.errors import TrainingError
+    from autossl.components.errors import TrainingError
 
     methods = available_methods()
     args = build_parser(methods).parse_args(sys.argv[1:] if argv is None else argv)

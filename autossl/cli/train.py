@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser(methods).parse_args(argv)
     from autossl.paths import PathNotConfiguredError
-    from autossl.training.trainer import Trainer, TrainingError
+    from autossl.components.errors import TrainingError
+    from autossl.training.trainer import Trainer
 
     if args.ssl not in methods:
         print(f"autossl_train: unknown --ssl method {args.ssl!r}; available: {', '.join(methods)}",

@@ -42,20 +42,6 @@ class BaseReaderWriter(ABC):
         self.write_seg(image, file, properties)
 
 
-def damaged_file_error(path: str) -> "ImageReadError | None":
-    """For a file a reader failed on: ``ImageFileError`` saying that it is truncated or corrupt (a
-    NIfTI file, checked on its bytes), else None. Costs nothing unless a read fails."""
-    from autossl.imageio.file_check import ImageFileError, check_nifti_file, is_nifti
-
-    if not is_nifti(path):
-        return None
-    try:
-        check = check_nifti_file(path)
-    except OSError:
-        return None
-    return ImageFileError("\n".join(check.problems)) if check.damaged else None
-
-
 def check_same_geometry(files: Sequence[str], shapes, spacings) -> None:
     for f, s, sp in zip(files[1:], shapes[1:], spacings[1:]):
         if tuple(s) != tuple(shapes[0]):

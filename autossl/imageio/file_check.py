@@ -286,3 +286,15 @@ def nonfinite_problems(arr: np.ndarray, files, what: str = "image", skip=()) -> 
             what_ = _describe_nonfinite(int(np.isnan(ch).sum()), int(np.isinf(ch).sum()))
             out.append(f"{owner}: {what}{'' if one_each else f' channel {c}'} contains {what_} value(s)")
     return out
+
+
+def damaged_file_error(path: str) -> ImageFileError | None:
+    """For a file a reader failed on: ``ImageFileError`` saying that it is truncated or corrupt (a
+    NIfTI file, checked on its bytes), else None. Costs nothing unless a read fails."""
+    if not is_nifti(path):
+        return None
+    try:
+        check = check_nifti_file(path)
+    except OSError:
+        return None
+    return ImageFileError("\n".join(check.problems)) if check.damaged else None

@@ -6,7 +6,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry, damaged_file_error
+from autossl.imageio.base import BaseReaderWriter, ImageReadError, check_same_geometry
+from autossl.imageio.file_check import damaged_file_error
 from autossl.utilities.file_io import atomic_path
 
 

@@ -42,6 +42,7 @@ from autossl.inference.export import (convert_predicted_logits_to_segmentation_w
 from autossl.inference.sliding_window import SlidingWindowPredictor
 from autossl.networks.build import (ArchitectureError, architecture_entry, build_network, has_deep_supervision,
                                     set_deep_supervision)
+from autossl.networks.norms import instance_norm_as_group_norm
 from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json
 from autossl.utilities.label_handling import LabelManager
 
@@ -278,8 +279,6 @@ class Predictor:
         net = build_network(self._architecture(arch), num_input_channels(self.dataset_json),
                             self.label_manager.num_segmentation_heads, deep_supervision=False)
         if self.device.type == "cpu":  # the same normalisation with a faster CPU kernel (same weights)
-            from autossl.training.speed import instance_norm_as_group_norm
-
             instance_norm_as_group_norm(net)
         return net.to(self.device).eval()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from autossl import paths
+from autossl.training.naming import trainer_name
 from autossl.utilities.file_io import atomic_path, load_json, save_json
 
 INFERENCE_INFORMATION = "inference_information.json"
@@ -82,12 +83,6 @@ def folds_string(folds: Sequence[int]) -> str:
 def ensemble_identifier(models: Sequence[TrainedModel], folds: Sequence[int]) -> str:
     """``ensemble___<id 1>___<id 2>___<folds>`` (nnU-Net's)."""
     return "ensemble___" + "___".join(m.identifier for m in models) + "___" + folds_string(folds)
-
-
-def _trainer_name(ssl: str, network: str) -> str:
-    from autossl.cli.predict import trainer_name  # the trainer's naming, without importing the trainer
-
-    return trainer_name(ssl, network)
 
 
 def default_folds(dataset_name: str) -> list[int]:
@@ -257,7 +252,7 @@ def find_models(dataset_name: str, configurations: Sequence[str], methods: Seque
     found = []
     base = paths.results_dir() / dataset_name
     for c, m, p, n in itertools.product(configurations, methods, plans, networks):
-        folder = base / f"{_trainer_name(m, n)}__{p}__{c}"
+        folder = base / f"{trainer_name(m, n)}__{p}__{c}"
         if folder.is_dir():
             found.append(TrainedModel(c, m, n, p, folder))
     return found
@@ -303,7 +298,7 @@ def find_best_configuration(dataset: str | int, configurations: Sequence[str] | 
         have = {(m.configuration, m.ssl, m.plans, m.network) for m in present}
         for c, m, p, n in itertools.product(configurations, methods, plans, networks):
             if (c, m, p, n) not in have:
-                folder = paths.results_dir() / dataset_name / f"{_trainer_name(m, n)}__{p}__{c}"
+                folder = paths.results_dir() / dataset_name / f"{trainer_name(m, n)}__{p}__{c}"
                 problem(f"{folder.name} is not trained ({folder} does not exist; "
                         f"{_train_command(dataset_name, TrainedModel(c, m, n, p, folder))})")
     models, ensemblable = [], []

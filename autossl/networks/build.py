@@ -18,7 +18,7 @@ def locate(name: str):
 #: network kinds (``NetworkSpec.arch``) and the entry of a plans configuration each is built from.
 #: "hybrid" is a network made of the planned CNN and the planned transformer together (Semiformer's
 #: two branches joined by fusion modules, ``autossl.networks.semiformer``); its entry references the
-#: other two (``autossl.planning.transformer.hybrid_architecture``).
+#: other two (``autossl.networks.entries.hybrid_architecture``).
 ARCHITECTURE_KEYS = {
     "cnn": "architecture",
     "transformer": "transformer_architecture",
@@ -39,7 +39,7 @@ def architecture_entry(configuration: dict, kind: str, where: str = "the plans")
     key = ARCHITECTURE_KEYS[kind]
     entry = configuration.get(key)
     if entry is None and kind == "hybrid" and key not in configuration:  # plans written before the entry
-        from autossl.planning.transformer import hybrid_architecture
+        from autossl.networks.entries import hybrid_architecture
 
         entry = hybrid_architecture()
     if not entry:

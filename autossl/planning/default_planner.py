@@ -10,7 +10,7 @@ Differences from nnU-Net, all for semi-supervised data:
   unlabelled training cases, since both are sampled in training;
 - every configuration also has ``transformer_architecture`` (see ``transformer.py``) and
   ``hybrid_architecture`` (Semiformer: the two joined, built from references to both entries;
-  ``transformer.hybrid_architecture``).
+  ``networks.entries.hybrid_architecture``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import numpy as np
 
 from autossl import paths
 from autossl.planning.topology import get_pool_and_conv_props
-from autossl.planning.transformer import hybrid_architecture, transformer_architecture
+from autossl.networks.entries import hybrid_architecture
+from autossl.planning.transformer import transformer_architecture
 from autossl.preprocessing.normalization import get_normalization_class, normalization_scheme_for_channel
 from autossl.utilities.file_io import atomic_path, load_json, save_json
 

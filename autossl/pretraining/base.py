@@ -60,18 +60,6 @@ def momentum_copy(module: nn.Module) -> nn.Module:
     return m
 
 
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- m * target + (1 - m) * online, parameters and floating buffers alike."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-    for t, o in zip(target.buffers(), online.buffers()):
-        if t.dtype.is_floating_point:
-            t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-        else:
-            t.copy_(o)
-
-
 def cosine_momentum(base: float, step: int, total: int) -> float:
     """BYOL's schedule: 1 - (1 - base) * (cos(pi k / K) + 1) / 2, from ``base`` to 1."""
     import math

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 
 from autossl import paths
+from autossl.components.augmentation.pipelines import augmentation_geometry
+from autossl.components.budget import parse_budget
+from autossl.components.checkpoint import capture_rng_states, restore_rng_states
+from autossl.components.dataloading.augmenter import BatchStream, default_num_workers
+from autossl.components.errors import TrainingError
+from autossl.components.logger import TrainingLogger
+from autossl.components.resolve import resolve_configuration, resolve_device
 from autossl.networks.build import ArchitectureError, architecture_entry, build_network
 from autossl.networks.tokens import TransformerEncoder
 from autossl.pretraining.base import StepContext
 from autossl.pretraining.registry import create_method
 from autossl.pretraining.views import ImageCases, ViewLoader
-from autossl.training.augmentation.pipelines import augmentation_geometry
-from autossl.training.budget import parse_budget
-from autossl.training.checkpoint import capture_rng_states, restore_rng_states
-from autossl.training.dataloading.augmenter import BatchStream, default_num_workers
-from autossl.training.errors import TrainingError
-from autossl.training.logger import TrainingLogger
-from autossl.training.trainer import resolve_configuration, resolve_device
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json, save_torch
 from autossl.utilities.label_handling import LabelManager

@@ -32,9 +32,9 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from threadpoolctl import threadpool_limits
 
+from autossl.components.augmentation.pipelines import AugmentationGeometry
+from autossl.components.dataloading.loaders import _as_pseudo3d, _random_bbox
 from autossl.preprocessing import storage
-from autossl.training.augmentation.pipelines import AugmentationGeometry
-from autossl.training.dataloading.loaders import _as_pseudo3d, _random_bbox
 
 
 def view_transforms(patch_size: Sequence[int], geometry: AugmentationGeometry):

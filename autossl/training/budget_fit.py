@@ -1,5 +1,5 @@
 """``--budget`` for the trainer: measure a forward pass, estimate validation and prediction time,
-then fix the run's length with ``autossl.training.budget.plan_steps``."""
+then fix the run's length with ``autossl.components.budget.plan_steps``."""
 from __future__ import annotations
 
 import io
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from autossl.components.budget import BudgetPlan, plan_steps
 from autossl.preprocessing import storage
 from autossl.training import ddp
-from autossl.training.budget import BudgetPlan, plan_steps
 
 
 def estimate_forward_time(trainer) -> float:

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from autossl import paths
+from autossl.components.budget import parse_budget
+from autossl.components.dataloading.splits import SPLITS_FILE, load_or_create_splits
+from autossl.components.errors import TrainingError
+from autossl.components.resolve import resolve_configuration
 from autossl.preprocessing import storage
-from autossl.training.budget import parse_budget
-from autossl.training.dataloading.splits import SPLITS_FILE, load_or_create_splits
-from autossl.training.errors import TrainingError
+from autossl.training.naming import trainer_name
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json
 
@@ -58,8 +60,6 @@ class CrossvalResult:
 def plan_crossval(dataset: str | int, configuration: str, plans: str) -> CrossvalPlan:
     """The folds to train for ``dataset``/``configuration`` (creating ``splits_final.json`` as a
     fold's training would)."""
-    from autossl.training.trainer import resolve_configuration
-
     try:
         name = find_dataset_name(dataset)
     except FileNotFoundError as e:
@@ -131,7 +131,7 @@ def train_all_folds(dataset: str | int, configuration: str, *, plans: str, conti
     """Train every fold (see the module docstring); returns what happened to each fold and the
     cross-validation Dice. ``trainer_kwargs`` go to every fold's ``Trainer`` (not ``budget``/``npz``)."""
     from autossl.evaluation.crossval import accumulate_crossval_results
-    from autossl.training.trainer import Trainer, trainer_name
+    from autossl.training.trainer import Trainer
 
     kw = dict(trainer_kwargs or {})
     budget_s = parse_budget(budget) if budget not in (None, "", 0) else None

@@ -8,32 +8,13 @@ dataset into ``validation/summary.json``. Under DDP each rank predicts a share; 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from autossl.evaluation.evaluate import compute_metrics_on_folder_simple
 from autossl.training import ddp
 
-if TYPE_CHECKING:  # pragma: no cover
-    from autossl.training.trainer import Trainer
 
-
-def make_predictor(trainer: "Trainer", allow_tqdm: bool = False):
-    """A Predictor around the trainer's live inference networks."""
-    from autossl.inference.predictor import Predictor
-
-    names = trainer.method.inference_networks()
-    arch = {s.name: s.arch for s in trainer.specs}
-    predictor = Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=trainer.device,
-                          verbose=False, allow_tqdm=allow_tqdm)
-    predictor.manual_initialization(None, [{"name": n, "arch": arch[n]} for n in names], trainer.plans,
-                                    trainer.configuration, trainer.dataset_json, trainer.geometry.mirror_axes,
-                                    networks={n: trainer.networks[n] for n in names},
-                                    trainer_name=trainer.trainer_name)
-    return predictor
-
-
-def run_final_validation(trainer: "Trainer") -> dict | None:
-    from autossl.evaluation.evaluate import compute_metrics_on_folder_simple
-
+def run_final_validation(trainer) -> dict | None:
+    """``trainer``: the ``Trainer`` of the fold (passed in, never imported: the trainer imports this
+    module); read are its validation keys, folders, plans, DDP rank and ``make_predictor``."""
     if not trainer.val_keys:
         trainer.logger.print("final validation: this fold has no validation cases")
         return None
@@ -47,7 +28,7 @@ def run_final_validation(trainer: "Trainer") -> dict | None:
     trainer.logger.print(f"final validation: predicting {len(trainer.val_keys)} case(s) into {out}")
     n_proc = max(1, min(4, trainer.num_workers, len(mine)))
     if mine:
-        predictor = make_predictor(trainer, allow_tqdm=trainer.dist.is_main and trainer.verbose)
+        predictor = trainer.make_predictor(allow_tqdm=trainer.dist.is_main and trainer.verbose)
         predictor.predict_preprocessed_cases(trainer.data_folder, mine, output_folder=out,
                                              save_probabilities=trainer.npz,
                                              num_processes_segmentation_export=n_proc)

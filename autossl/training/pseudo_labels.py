@@ -1,5 +1,8 @@
 """Pseudo-labels for offline methods (self-training): predict the preprocessed unlabelled cases
-with the method's inference networks, and hand hard labels to the unlabelled loader."""
+with the method's inference networks, and hand hard labels to the unlabelled loader.
+
+Both functions take the fold's ``Trainer`` as an argument (never imported: the trainer imports
+this module) and use its folders, loaders, DDP rank and ``make_predictor``."""
 from __future__ import annotations
 
 import shutil
@@ -9,10 +12,10 @@ import blosc2
 import numpy as np
 import torch
 
+from autossl.components.dataloading.augmenter import BatchStream
+from autossl.components.errors import TrainingError
 from autossl.preprocessing import storage
 from autossl.training import ddp
-from autossl.training.dataloading.augmenter import BatchStream
-from autossl.training.errors import TrainingError
 from autossl.utilities.file_io import atomic_path
 
 
@@ -25,12 +28,10 @@ def predict_unlabeled(trainer, cases: list[str] | None = None) -> dict[str, np.n
     missing = sorted(set(cases) - set(all_cases))
     if missing:
         raise TrainingError(f"predict_unlabeled: not preprocessed in {trainer.unlabeled_data_folder}: {missing[:5]}")
-    from autossl.training.final_validation import make_predictor
-
     mine = cases[trainer.dist.rank::trainer.dist.world_size]
     out: dict[str, np.ndarray] = {}
     if mine:
-        probs = make_predictor(trainer).predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
+        probs = trainer.make_predictor().predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
         out = {c: p.astype(np.float16) if trainer.dist.is_ddp else p for c, p in probs.items()}
     if trainer.dist.is_ddp:
         merged: dict[str, np.ndarray] = {}

@@ -1,22 +1,17 @@
-"""CPU speed-ups of training (and CPU inference) that keep what is computed.
+"""Mixed precision for training where the hardware computes it natively (the other CPU speed-up,
+InstanceNorm run as GroupNorm, is shared with inference: ``autossl.networks.norms``).
 
-* ``training_autocast_dtype``: mixed precision where the hardware computes it natively: float16
-  on CUDA (nnU-Net's AMP, with a GradScaler) and bfloat16 on CPUs with AMX / AVX512-BF16
-  (about 2x faster 3D convolutions there; no GradScaler needed for bf16). Weights, optimiser
-  state and the losses stay float32. ``autossl_cpu_amp=0`` (or ``amp=False``) keeps the CPU in
-  float32, as do CPUs without native bf16 (emulated bf16 is slower than float32).
-* ``instance_norm_as_group_norm``: ``InstanceNorm{1,2,3}d`` without running statistics replaced by
-  ``GroupNorm(C, C)``, the same normalisation (per sample and channel over the spatial axes,
-  biased variance, same eps and affine parameters, same state-dict keys) with a faster CPU kernel
-  (about 13 % less time per 3D U-Net training step in float32, 8 % in bf16: no copy of the
-  input into a (1, B*C, ...) view and none of the in-place-activation ``CopySlices`` backward).
+``training_autocast_dtype``: float16 on CUDA (nnU-Net's AMP, with a GradScaler) and bfloat16 on
+CPUs with AMX / AVX512-BF16 (about 2x faster 3D convolutions there; no GradScaler needed for
+bf16). Weights, optimiser state and the losses stay float32. ``autossl_cpu_amp=0`` (or
+``amp=False``) keeps the CPU in float32, as do CPUs without native bf16 (emulated bf16 is slower
+than float32).
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+from autossl.inference.sliding_window import autocast_dtype
 
 
 def training_autocast_dtype(device: torch.device | str, amp: bool | None = None) -> torch.dtype | None:
@@ -24,29 +19,7 @@ def training_autocast_dtype(device: torch.device | str, amp: bool | None = None)
 
     ``amp`` None: automatic (float16 on CUDA; bfloat16 on CPUs with native bf16 unless
     ``autossl_cpu_amp=0``; nothing on MPS), False: off, True: on (bf16 on any CPU)."""
-    from autossl.inference.sliding_window import autocast_dtype
-
     device = torch.device(device)
     if amp is False or device.type not in ("cuda", "cpu"):
         return None
     return autocast_dtype(device, amp)
-
-
-def instance_norm_as_group_norm(module: nn.Module) -> int:
-    """Replace, in place, every InstanceNorm without running statistics inside ``module`` by the
-    equivalent ``GroupNorm(C, C)`` (weights kept); returns how many were replaced."""
-    replaced: dict[int, nn.GroupNorm] = {}  # a norm registered twice (DNA: ``.norm`` and ``.all_modules``)
-    for parent in list(module.modules()):   # becomes one GroupNorm registered twice
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, _INSTANCE_NORMS) or child.track_running_stats:
-                continue
-            gn = replaced.get(id(child))
-            if gn is None:
-                gn = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
-                if child.affine:
-                    gn.weight = child.weight
-                    gn.bias = child.bias
-                gn.train(child.training)
-                replaced[id(child)] = gn
-            setattr(parent, name, gn)
-    return len(replaced)

@@ -28,31 +28,34 @@ import torch
 import torch.nn as nn
 
 from autossl import paths
+from autossl.components.augmentation.pipelines import (augmentation_geometry, training_transforms,
+                                                       validation_transforms, weak_transforms)
+from autossl.components.budget import BudgetPlan, parse_budget
+from autossl.components.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from autossl.components.dataloading.augmenter import BatchStream, default_num_workers
+from autossl.components.dataloading.dataset import PreprocessedCases
+from autossl.components.dataloading.loaders import LabeledDataLoader, UnlabeledDataLoader
+from autossl.components.dataloading.splits import split_for_fold
+from autossl.components.ema import unwrap
+from autossl.components.errors import TrainingError, TrainingInterrupted
+from autossl.components.logger import TrainingLogger
+from autossl.components.losses import RegionSupervisedLoss, SupervisedLoss
+from autossl.components.resolve import resolve_configuration, resolve_device
+from autossl.inference.predictor import Predictor
 from autossl.networks.build import (ARCHITECTURE_KEYS, ArchitectureError, add_dropout, architecture_entry,
                                     build_network, has_deep_supervision, set_deep_supervision)
+from autossl.networks.norms import instance_norm_as_group_norm
 from autossl.preprocessing import storage
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import unwrap
 from autossl.ssl.registry import create_method
-from autossl.training import ddp
-from autossl.training.augmentation.pipelines import (augmentation_geometry, training_transforms,
-                                                     validation_transforms, weak_transforms)
-from autossl.training import pseudo_labels
-from autossl.training.errors import TrainingError, TrainingInterrupted
-from autossl.training.budget import BudgetPlan, parse_budget
+from autossl.training import ddp, final_validation, pseudo_labels, warm_start
 from autossl.training.budget_fit import apply_budget
-from autossl.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
-from autossl.training.dataloading.augmenter import BatchStream, default_num_workers
-from autossl.training.dataloading.dataset import PreprocessedCases
-from autossl.training.dataloading.loaders import LabeledDataLoader, UnlabeledDataLoader
-from autossl.training.dataloading.splits import split_for_fold
-from autossl.training.logger import TrainingLogger
-from autossl.training.losses import RegionSupervisedLoss, SupervisedLoss
+from autossl.training.naming import trainer_name
 from autossl.training.metrics import dice_from_counts, tp_fp_fn
 from autossl.training.optim import (build_optimizer, build_schedule, clip_gradients, has_gradients, optimizer_configs,
-                                   round_boundaries)
-from autossl.training.speed import instance_norm_as_group_norm, training_autocast_dtype
+                                    round_boundaries)
+from autossl.training.speed import training_autocast_dtype
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import load_json, save_json
 from autossl.utilities.label_handling import LabelManager
@@ -64,37 +67,6 @@ OVERSAMPLE_FOREGROUND = 0.33
 BUDGET_WARMUP_STEPS = 3
 BUDGET_MEASURE_STEPS = 10
 _STREAM_IDS = {"train": 1, "val": 2, "unlabeled": 3}
-
-
-def trainer_name(ssl: str, network: str = "cnn") -> str:
-    """``autosslTrainer`` (``--ssl none``), ``autosslTrainer_<method>``; ``_transformer`` appended
-    for ``--network transformer``."""
-    name = "autosslTrainer" if ssl in ("none", "", None) else f"autosslTrainer_{ssl}"
-    return name + ("_transformer" if network == "transformer" else "")
-
-
-def resolve_configuration(plans: dict, name: str) -> dict:
-    """The configuration dict with ``inherits_from`` resolved (``PlansManager``)."""
-    from autossl.planning.plans_handler import PlansManager
-
-    try:
-        return PlansManager(plans).get_configuration(name).configuration
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise TrainingError(f"plans {plans.get('plans_name', '')!r}: {e}") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda", "mps"):
-        raise TrainingError(f"-device must be cpu, cuda or mps, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("-device cuda was requested but torch sees no CUDA device; use -device cpu")
-    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise TrainingError("-device mps was requested but MPS is not available; use -device cpu")
-    return torch.device(device)
 
 
 def _env_flag(name: str) -> bool:
@@ -368,9 +340,7 @@ class Trainer:
 
     def load_pretrained_weights(self, source: str | os.PathLike) -> dict[str, str]:
         """See ``autossl.training.warm_start.load_pretrained_weights``."""
-        from autossl.training.warm_start import load_pretrained_weights
-
-        chosen = load_pretrained_weights(self, source)
+        chosen = warm_start.load_pretrained_weights(self, source)
         self._pretrained_loaded = True
         self._sync_phases()
         return chosen
@@ -1036,9 +1006,19 @@ class Trainer:
     def perform_final_validation(self) -> dict | None:
         """Predict the fold's validation cases with the real predictor into fold_X/validation/ and
         evaluate them against gt_segmentations into validation/summary.json."""
-        from autossl.training.final_validation import run_final_validation
+        return final_validation.run_final_validation(self)
 
-        return run_final_validation(self)
+    def make_predictor(self, allow_tqdm: bool = False) -> Predictor:
+        """A Predictor around the live inference networks (the final validation, pseudo-labels)."""
+        names = self.method.inference_networks()
+        arch = {s.name: s.arch for s in self.specs}
+        predictor = Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=self.device,
+                              verbose=False, allow_tqdm=allow_tqdm)
+        predictor.manual_initialization(None, [{"name": n, "arch": arch[n]} for n in names], self.plans,
+                                        self.configuration, self.dataset_json, self.geometry.mirror_axes,
+                                        networks={n: self.networks[n] for n in names},
+                                        trainer_name=self.trainer_name)
+        return predictor
 
 
 class _LazyStrongAugment:
@@ -1053,9 +1033,9 @@ class _LazyStrongAugment:
     def _get(self):
         if self._impl is None:
             try:
-                from autossl.training.augmentation.strong import StrongIntensityAugment
+                from autossl.components.augmentation.strong import StrongIntensityAugment
             except ImportError as e:
-                raise TrainingError(f"ctx.strong_augment needs autossl.training.augmentation.strong ({e})") from e
+                raise TrainingError(f"ctx.strong_augment needs autossl.components.augmentation.strong ({e})") from e
             self._impl = StrongIntensityAugment()
             self._impl.generator = self.generator
         return self._impl

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from autossl.ssl.ema import unwrap
-from autossl.training.errors import TrainingError
+from autossl.components.ema import unwrap
+from autossl.components.errors import TrainingError
 from autossl.utilities.file_io import UnsafeCheckpointError, load_torch_safely
 
 CHECKPOINT = "checkpoint_final.pth"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from autossl.pretraining.base import PretrainMethod, cosine_momentum, ema_update, embedding_std, mlp, \
-    momentum_copy, opt
+from autossl.components.ema import ema_update
+from autossl.pretraining.base import PretrainMethod, cosine_momentum, embedding_std, mlp, momentum_copy, opt
 from autossl.pretraining.losses import normalized_mse
 from autossl.pretraining.registry import register
 
@@ -40,4 +40,4 @@ class BYOL(PretrainMethod):
 
     def after_step(self, ctx):
         self._tau = cosine_momentum(self.base_momentum, ctx.step + 1, ctx.total_steps)
-        ema_update(self.target, self.online, self._tau)
+        ema_update(self.target, [self.online], self._tau)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autossl.pretraining.base import PretrainMethod, cosine_momentum, ema_update, embedding_std, mlp, \
-    momentum_copy, opt
+from autossl.components.ema import ema_update
+from autossl.pretraining.base import PretrainMethod, cosine_momentum, embedding_std, mlp, momentum_copy, opt
 from autossl.pretraining.losses import in_batch_info_nce, info_nce
 from autossl.pretraining.registry import register
 
@@ -59,7 +59,7 @@ class _MoCoQueue(PretrainMethod):
         return info_nce(q, k, self.queue.clone().detach(), self.temperature), {"embedding_std": embedding_std(q)}
 
     def after_step(self, ctx):
-        ema_update(self.key, self.query, self.momentum)
+        ema_update(self.key, [self.query], self.momentum)
         if self._pending is not None:
             self.enqueue(self._pending)
             self._pending = None
@@ -101,4 +101,4 @@ class MoCoV3(PretrainMethod):
         return loss, {"embedding_std": embedding_std(q1)}
 
     def after_step(self, ctx):
-        ema_update(self.target, self.online, cosine_momentum(self.base_momentum, ctx.step + 1, ctx.total_steps))
+        ema_update(self.target, [self.online], cosine_momentum(self.base_momentum, ctx.step + 1, ctx.total_steps))

@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
+from autossl.components.augmentation.strong import device_generator
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.pseudo_label_cleaning import keep_largest_components
 from autossl.ssl.ramps import sigmoid_rampup
-from autossl.training.augmentation.strong import device_generator
 
 
 def cpu_generator(ctx: TrainingContext) -> torch.Generator:

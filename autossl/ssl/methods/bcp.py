@@ -28,13 +28,13 @@ import torch
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import ema_update, warmup_decay
+from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, require_label_maps, split_output
 from autossl.ssl.methods.cps import cutmix, hard_labels
 from autossl.ssl.methods.ucmt import target_pyramid
 from autossl.ssl.pseudo_label_cleaning import keep_largest_components
 from autossl.ssl.registry import register
-from autossl.training.augmentation.strong import box_mask
+from autossl.components.augmentation.strong import box_mask
 
 
 def bidirectional_mix(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, y_u: torch.Tensor,

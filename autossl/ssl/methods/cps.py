@@ -14,13 +14,13 @@ from typing import Iterator
 
 import torch
 
+from autossl.components.augmentation.strong import box_mask
+from autossl.components.losses import ce_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register
-from autossl.training.augmentation.strong import box_mask
-from autossl.training.losses import ce_loss
 
 
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:

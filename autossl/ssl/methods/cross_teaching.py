@@ -24,11 +24,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from autossl.components.losses import ce_loss, soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.methods._shared import check_choice, clean_option, clean_pseudo_labels, has_unlabeled, ramp_weight, rampup_option, split_output
 from autossl.ssl.registry import register
-from autossl.training.losses import ce_loss, soft_dice_loss
 
 CT_LOSSES = ("dice", "ce", "dice_ce")
 

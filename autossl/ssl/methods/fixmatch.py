@@ -14,11 +14,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from autossl.components.augmentation.strong import cutout
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output
 from autossl.ssl.registry import register
-from autossl.training.augmentation.strong import cutout
 
 
 def confident_pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
+from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, has_unlabeled, input_noise, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.ema import unwrap
+from autossl.components.ema import unwrap
 from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, is_distributed, ramp_weight,
                                          rampup_option, require_label_maps, sharpen, split_output)
 from autossl.ssl.registry import register

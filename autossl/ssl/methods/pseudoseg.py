@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import unwrap
+from autossl.components.ema import unwrap
 from autossl.ssl.methods._shared import has_unlabeled, ramp_weight, require_label_maps, sharpen, split_output
 from autossl.ssl.methods.fixmatch import FixMatch
 from autossl.ssl.registry import register

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autossl.components.ema import unwrap
+from autossl.components.losses import SupervisedLoss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext
-from autossl.ssl.ema import unwrap
 from autossl.ssl.methods._shared import has_unlabeled, require_label_maps, split_output
 from autossl.ssl.registry import register
-from autossl.training.losses import SupervisedLoss
 
 IGNORE = -1
 

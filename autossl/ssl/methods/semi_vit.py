@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.ema import ema_update, warmup_decay
+from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
                                          require_label_maps, split_output)
 from autossl.ssl.registry import register

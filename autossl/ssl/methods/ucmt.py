@@ -50,16 +50,17 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from autossl.components.augmentation.strong import gaussian_blur
+from autossl.components.ema import ema_update, warmup_decay
+from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.ema import ema_update, warmup_decay
+from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled,
                                          ramp_weight, rampup_option, split_output)
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
-from autossl.training.augmentation.strong import gaussian_blur
-from autossl.training.losses import soft_dice_loss
 
 
 def ucmt_dice(logits: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.data_loader import DataLoader
 from threadpoolctl import threadpool_limits
 
-from autossl.training.dataloading.dataset import PreprocessedCases
+from autossl.components.dataloading.dataset import PreprocessedCases
 
 
 def _as_pseudo3d(patch_size: Sequence[int]) -> tuple[tuple[int, ...], bool]:

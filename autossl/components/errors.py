@@ -1,4 +1,5 @@
-"""The trainer's error: bad input or state, reported with what is wrong (the CLI prints it)."""
+"""The training stages' errors (trainer, pre-trainer): bad input or state, reported with what is
+wrong (the CLI prints it)."""
 
 
 class TrainingError(RuntimeError):
