@@ -206,7 +206,8 @@ def test_cps_step_on_labelled_and_unlabelled_images():
     xl = torch.tensor([0.4, -0.4, 2.0, -3.0]).view(1, 1, 1, 2, 2)
     xu = torch.tensor([1.0, -1.0, 0.1, 0.0]).view(1, 1, 1, 2, 2)
     # SSL4MIS's recipe from scratch (a ramp over the run), a short ramp after a warm start
-    assert (create_method("cps").lambda_max, create_method("cps").rampup) == (0.1, (1.0, 0.1))
+    assert (create_method("cps").lambda_max, create_method("cps").rampup) == ((0.1, 1.5), (1.0, 0.1))
+    assert create_method("cps", **{"lambda": "0.3"}).lambda_max == 0.3
     cps = create_method("cps", **{"lambda": "1.5", "rampup": "0"})  # the paper's constant λ
     ctx = make_ctx({"cnn1": net1, "cnn2": net2}, supervised_loss=lambda o, t: torch.tensor(0.25))
     (loss,) = run_step(cps, labeled_batch(xl), {"data": xu, "keys": ["u"]}, ctx)

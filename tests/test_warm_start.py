@@ -88,6 +88,19 @@ def test_automatic_rampup_is_short_after_a_warm_start_only():
         create_method("cps", rampup="-1")
 
 
+def test_cps_weight_is_the_papers_after_a_warm_start_and_ssl4mis_from_scratch():
+    from autossl.ssl.context import TrainingContext
+    from autossl.ssl.methods._shared import ramp_weight
+
+    m = create_method("cps_cutmix")
+    ctx = TrainingContext(networks={}, total_steps=100, num_classes=2, device=torch.device("cpu"),
+                          supervised_loss=None, strong_augment=None, step=100)
+    assert ramp_weight(m.lambda_max, 0.0, ctx) == pytest.approx(0.1)
+    ctx.warm_started = True
+    assert ramp_weight(m.lambda_max, 0.0, ctx) == pytest.approx(1.5)
+    assert ramp_weight(create_method("cps", **{"lambda": "0.4"}).lambda_max, 0.0, ctx) == pytest.approx(0.4)
+
+
 def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
     t = _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=3, warmup=0.5,
                  snapshot_every=1)

@@ -63,12 +63,23 @@ def rampup_option(method, cold: float, warm: float = WARM_RAMPUP) -> float | tup
     return v
 
 
-def ramp_weight(lambda_max: float, rampup_fraction, ctx: TrainingContext) -> float:
+def warm_default(method, key: str, cold: float, warm: float) -> float | tuple[float, float]:
+    """A weight option whose default depends on the start: unset, (``cold``, ``warm``), of which
+    ``ramp_weight`` takes ``warm`` in a warm-started run; given, that value in every run."""
+    v = method.options.get(key)
+    if v is None:
+        return (float(cold), float(warm))
+    return float(v)
+
+
+def ramp_weight(lambda_max, rampup_fraction, ctx: TrainingContext) -> float:
     """λ(t) = λ_max · sigmoid_rampup(t, T), t counted from the start of the semi-supervised phase
     (after the supervised warm start), T = ``rampup_fraction`` of that phase (0: no ramp). A
     (cold, warm) pair from ``rampup_option`` takes ``warm`` in a warm-started run."""
     if isinstance(rampup_fraction, tuple):
         rampup_fraction = rampup_fraction[1] if ctx.warm_started else rampup_fraction[0]
+    if isinstance(lambda_max, tuple):  # a (cold, warm) default from ``warm_default``
+        lambda_max = lambda_max[1] if ctx.warm_started else lambda_max[0]
     steps = int(round(rampup_fraction * ctx.ssl_total_steps))
     return lambda_max * sigmoid_rampup(ctx.ssl_step, steps)
 
