@@ -116,6 +116,15 @@ def is_distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
+def supervised_loss_only(net, labeled: dict, ctx: TrainingContext) -> torch.Tensor:
+    """L_s of ``net`` on the labelled batch alone (a step without unlabelled images), logged as
+    ``loss_sup``."""
+    with ctx.autocast():
+        loss = ctx.supervised_loss(net(labeled["data"]), labeled["target"])
+    ctx.log("loss_sup", loss)
+    return loss
+
+
 def has_unlabeled(unlabeled: dict | None) -> bool:
     return unlabeled is not None and unlabeled.get("data") is not None and unlabeled["data"].shape[0] > 0
 

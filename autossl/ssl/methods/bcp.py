@@ -29,7 +29,8 @@ import torch
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.components.ema import ema_update, warmup_decay
-from autossl.ssl.methods._shared import check_choice, cpu_generator, has_unlabeled, require_label_maps, split_output
+from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, require_label_maps, split_output,
+                                         supervised_loss_only)
 from autossl.ssl.methods.cps import cutmix, hard_labels
 from autossl.ssl.methods.ucmt import target_pyramid
 from autossl.ssl.pseudo_label_cleaning import keep_largest_components
@@ -111,9 +112,7 @@ class BCP(SSLMethod):
         net = ctx.networks["student"]
         x_l, like = labeled["data"], labeled["target"]
         if not has_unlabeled(unlabeled):
-            with ctx.autocast():
-                loss = ctx.supervised_loss(net(x_l), like)
-            yield loss
+            yield supervised_loss_only(net, labeled, ctx)
             return
         y_l = like[0] if isinstance(like, (list, tuple)) else like
         x_u = unlabeled["data"]

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from autossl.components.augmentation.strong import cutout
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output
+from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight,
+                                         rampup_option, require_label_maps, split_output, supervised_loss_only)
 from autossl.ssl.registry import register
 
 
@@ -77,10 +78,7 @@ class FixMatch(SSLMethod):
         x_l = labeled["data"]
         n_l = x_l.shape[0]
         if not has_unlabeled(unlabeled):
-            with ctx.autocast():
-                loss_sup = ctx.supervised_loss(net(x_l), labeled["target"])
-            ctx.log("loss_sup", loss_sup)
-            yield loss_sup
+            yield supervised_loss_only(net, labeled, ctx)
             return
         weak = unlabeled["data"]
         with torch.no_grad(), ctx.autocast():

@@ -50,7 +50,8 @@ from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.components.ema import unwrap
 from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, is_distributed, ramp_weight,
-                                         rampup_option, require_label_maps, sharpen, split_output)
+                                         rampup_option, require_label_maps, sharpen, split_output,
+                                         supervised_loss_only)
 from autossl.ssl.registry import register
 
 #: the trainer's gradient clipping (autossl.training.trainer.GRAD_CLIP), applied to the head too
@@ -241,10 +242,7 @@ class PAWS(SSLMethod):
         x_l = labeled["data"]
         n_l = x_l.shape[0]
         if not has_unlabeled(unlabeled):
-            with ctx.autocast():
-                loss_sup = ctx.supervised_loss(net(x_l), labeled["target"])
-            ctx.log("loss_sup", loss_sup)
-            yield loss_sup
+            yield supervised_loss_only(net, labeled, ctx)
             return
         if self.head is None:
             self.setup(ctx)

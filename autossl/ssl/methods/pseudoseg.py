@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.components.ema import unwrap
-from autossl.ssl.methods._shared import has_unlabeled, ramp_weight, require_label_maps, sharpen, split_output
+from autossl.ssl.methods._shared import (has_unlabeled, ramp_weight, require_label_maps, sharpen, split_output,
+                                         supervised_loss_only)
 from autossl.ssl.methods.fixmatch import FixMatch
 from autossl.ssl.registry import register
 
@@ -176,10 +177,7 @@ class PseudoSeg(FixMatch):
         x_l = labeled["data"]
         n_l = x_l.shape[0]
         if not has_unlabeled(unlabeled):
-            with ctx.autocast():
-                loss_sup = ctx.supervised_loss(net(x_l), labeled["target"])
-            ctx.log("loss_sup", loss_sup)
-            yield loss_sup
+            yield supervised_loss_only(net, labeled, ctx)
             return
         weak = unlabeled["data"]
         target, logits = self.pseudo_labels(net, weak, ctx)

@@ -34,7 +34,7 @@ from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, ramp_weight, rampup_option,
-                                         require_label_maps, split_output)
+                                         require_label_maps, split_output, supervised_loss_only)
 from autossl.ssl.registry import register
 
 MIX = ("beta", "confidence")
@@ -125,10 +125,7 @@ class SemiViT(SSLMethod):
         x_l = labeled["data"]
         n_l = x_l.shape[0]
         if not has_unlabeled(unlabeled):
-            with ctx.autocast():
-                loss_sup = ctx.supervised_loss(student(x_l), labeled["target"])
-            ctx.log("loss_sup", loss_sup)
-            yield loss_sup
+            yield supervised_loss_only(student, labeled, ctx)
             return
         weak = unlabeled["data"]
         n_u = weak.shape[0]
