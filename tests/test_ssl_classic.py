@@ -329,7 +329,7 @@ def test_self_training_pseudo_label_filtering_rounds_and_state():
     handed = []
     asked = []
 
-    def predict(cases):
+    def predict(cases, **kw):
         asked.append(list(cases))
         return {c: probs for c in cases}
 

@@ -190,8 +190,11 @@ def test_temporal_ensembling_step_updates_hands_over_and_resumes():
     handed: list[dict] = []
     pool = {"u1": _fg([0.9, 0.2]), "u2": _fg([0.6, 0.6])}
 
-    def predict(cases):
+    mirroring: list = []
+
+    def predict(cases, **kw):
         predicted.append(list(cases))
+        mirroring.append(kw.get("mirroring", True))
         return {c: pool[c].numpy() for c in cases}
 
     def hand(labels):
@@ -224,6 +227,7 @@ def test_temporal_ensembling_step_updates_hands_over_and_resumes():
     assert loss.item() == pytest.approx(0.1 * expected, abs=1e-6)
     list(method.training_step(labeled_batch(x), unl, ctx_at(2)))
     assert len(predicted) == 4 and method.updates == 2 and method.ensemble.count == {"u1": 2, "u2": 2}
+    assert mirroring == [False] * 4  # the network's own output, not a mirrored average
     # --c: the state restores the ensemble; the first step hands its targets over, no prediction
     resumed = create_method("temporal_ensembling", update_every="2", noise_std="0", rampup="0", store="float16")
     resumed.load_state_dict(_weights_only_round_trip(method.state_dict()))

@@ -363,6 +363,26 @@ def test_train_2d_transformer_uses_adamw_with_warmup(ds2d):
     assert ckpt["scheduler_states"]["student"]["warmup_fraction"] > 0
 
 
+def test_predict_unlabeled_without_mirroring_makes_one_pass_per_tile(ds2d):
+    """Temporal ensembling's pool prediction: ``mirroring=False`` sends a quarter of the patches
+    through the network in 2D (mirror axes 0 and 1) and returns another (unaveraged) softmax."""
+    t = _trainer(ds2d, fold="all", ssl="temporal_ensembling", epochs=1, iterations_per_epoch=1)
+    t.initialize()
+    t._do_split()
+    seen: list[int] = []
+    hook = t.networks["student"].register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    case = t.unlabeled_keys[:1]
+    mirrored = t.predict_unlabeled(case)
+    n_mirrored, seen[:] = sum(seen), []
+    plain = t.predict_unlabeled(case, mirroring=False)
+    hook.remove()
+    assert n_mirrored == 4 * sum(seen) > 0
+    p, q = mirrored[case[0]], plain[case[0]]
+    assert p.shape == q.shape
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    assert np.abs(p - q).max() > 1e-4
+
+
 def test_self_training_predicts_unlabeled_cases_between_rounds(ds2d):
     t = _trainer(ds2d, fold="all", ssl="self_training", ssl_options={"threshold": "0"}, epochs=2,
                  iterations_per_epoch=2)

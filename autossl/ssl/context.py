@@ -32,8 +32,9 @@ class TrainingContext:
     #: the autocast context the trainer uses (AMP on CUDA, no-op on the CPU)
     autocast: Callable[[], Any] = nullcontext
     #: self-training: predict the preprocessed unlabelled cases with the real (sliding-window)
-    #: predictor using the given networks' softmax average, returns {case: probabilities (C, *spatial)}
-    predict_unlabeled: Callable[[list[str]], dict] | None = None
+    #: predictor using the given networks' softmax average, returns {case: probabilities (C, *spatial)};
+    #: keyword ``mirroring`` (default true) as test-time prediction
+    predict_unlabeled: Callable[..., dict] | None = None
     #: self-training: hand pseudo-labels {case: seg (1, *spatial), int, -1 = ignore} to the
     #: unlabelled loader; later unlabelled batches then carry "target"
     set_pseudo_labels: Callable[[dict], None] | None = None

@@ -19,10 +19,12 @@ from autossl.training import ddp
 from autossl.utilities.file_io import atomic_path
 
 
-def predict_unlabeled(trainer, cases: list[str] | None = None) -> dict[str, np.ndarray]:
+def predict_unlabeled(trainer, cases: list[str] | None = None, mirroring: bool = True) -> dict[str, np.ndarray]:
     """Sliding-window probabilities (C, *spatial) of preprocessed unlabelled cases with the
     method's inference networks (softmax averaged). ``None`` predicts every unlabelled case.
-    Under DDP each rank predicts a share and all ranks receive every case."""
+    ``mirroring`` averages the mirrored passes as test-time prediction does (2^axes passes per
+    tile); without it one pass per tile. Under DDP each rank predicts a share and all ranks
+    receive every case."""
     all_cases = storage.list_cases(trainer.unlabeled_data_folder)
     cases = list(all_cases if cases is None else cases)
     missing = sorted(set(cases) - set(all_cases))
@@ -31,7 +33,7 @@ def predict_unlabeled(trainer, cases: list[str] | None = None) -> dict[str, np.n
     mine = cases[trainer.dist.rank::trainer.dist.world_size]
     out: dict[str, np.ndarray] = {}
     if mine:
-        probs = trainer.make_predictor().predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
+        probs = trainer.make_predictor(use_mirroring=mirroring).predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
         out = {c: p.astype(np.float16) if trainer.dist.is_ddp else p for c, p in probs.items()}
     if trainer.dist.is_ddp:
         merged: dict[str, np.ndarray] = {}

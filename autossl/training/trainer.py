@@ -558,9 +558,9 @@ class Trainer:
                 n.train(mode)
                 set_deep_supervision(n, ds)
 
-    def predict_unlabeled(self, cases: list[str] | None = None) -> dict[str, np.ndarray]:
+    def predict_unlabeled(self, cases: list[str] | None = None, mirroring: bool = True) -> dict[str, np.ndarray]:
         """``ctx.predict_unlabeled``: see ``autossl.training.pseudo_labels.predict_unlabeled``."""
-        return pseudo_labels.predict_unlabeled(self, cases)
+        return pseudo_labels.predict_unlabeled(self, cases, mirroring)
 
     def set_pseudo_labels(self, labels: dict[str, Any]) -> None:
         """``ctx.set_pseudo_labels``: see ``autossl.training.pseudo_labels.hand_to_loader``."""
@@ -1008,11 +1008,11 @@ class Trainer:
         evaluate them against gt_segmentations into validation/summary.json."""
         return final_validation.run_final_validation(self)
 
-    def make_predictor(self, allow_tqdm: bool = False) -> Predictor:
+    def make_predictor(self, allow_tqdm: bool = False, use_mirroring: bool = True) -> Predictor:
         """A Predictor around the live inference networks (the final validation, pseudo-labels)."""
         names = self.method.inference_networks()
         arch = {s.name: s.arch for s in self.specs}
-        predictor = Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=self.device,
+        predictor = Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring, device=self.device,
                               verbose=False, allow_tqdm=allow_tqdm)
         predictor.manual_initialization(None, [{"name": n, "arch": arch[n]} for n in names], self.plans,
                                         self.configuration, self.dataset_json, self.geometry.mirror_axes,

@@ -18,14 +18,16 @@ training crop cannot be written back to their place in the case. The ensemble is
 per case, per voxel, at the resolution of the preprocessed case (``resolution=half``: every
 second voxel per axis, the slice axis of a 2D run excepted), and updated from whole-case
 predictions: every ``update_every`` of the semi-supervised phase (first at its first step) the
-real sliding-window predictor (``ctx.predict_unlabeled``, eval mode, mirroring) predicts every
-unlabelled case and Z is updated for every voxel, so "one update" plays the role of the paper's
+real sliding-window predictor (``ctx.predict_unlabeled``, eval mode, one pass per tile) predicts
+every unlabelled case and Z is updated for every voxel, so "one update" plays the role of the paper's
 epoch, and t counts them per case. After each update the bias-corrected targets are handed to
 the unlabelled loader (``ctx.set_pseudo_labels``), which crops and augments them with exactly the
 same crop, rotation, scaling and mirroring as the image (the ignore label -1 pads outside the
 case): the target is aligned with the training crop whatever the augmentation did, with no change
 to the loader. Between updates the targets stay fixed, as in the paper, where they change once
-per epoch.
+per epoch. The paper's z_i is the network's own output, so the update does not average
+mirrored passes (``mirror=true`` does, at 2^axes times the cost: 4 passes per tile in 2D, 8 in
+3D; with them the pool prediction was 80 % of an A2D-3 run's semi-supervised phase).
 
 The loader carries int16 label maps, resampled as labels (one value per voxel, never blended),
 so the soft target travels as a code per voxel: its arg-max class k and the arg-max
@@ -218,7 +220,8 @@ class TemporalEnsembling(SSLMethod):
     """Options: lambda (0.1), rampup (1.0 from scratch, 0.1 after a warm start), alpha (0.6),
     update_every (0.1: share of the semi-supervised phase between ensemble updates; >= 1: steps),
     resolution (full|half), store (uint8|float16), levels (16: quantisation of the handed-over
-    target), noise_std (0.1), noise_clip (0.2), dropout (0.2), chunk (4: cases per predictor call)."""
+    target), noise_std (0.1), noise_clip (0.2), dropout (0.2), chunk (4: cases per predictor call),
+    mirror (false: average mirrored passes in the ensemble's predictions)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight", "target_share", "ensemble_updates", "pl_confidence")
     default_unlabeled_ratio = 1.0
@@ -247,6 +250,7 @@ class TemporalEnsembling(SSLMethod):
         self.chunk = self.option("chunk", 4)
         if self.chunk < 1:
             raise ValueError(f"--ssl {self.name}: chunk must be >= 1, got {self.chunk}")
+        self.mirror = self.option("mirror", False)
         self.ensemble = TemporalEnsemble(self.alpha, self.store)
         self.updates = 0
         self._handed_over = False
@@ -285,7 +289,7 @@ class TemporalEnsembling(SSLMethod):
             self.ensemble.factors = self.factors(spatial_dims)
         conf = []
         for i in range(0, len(cases), self.chunk):
-            for case, probs in ctx.predict_unlabeled(cases[i:i + self.chunk]).items():
+            for case, probs in ctx.predict_unlabeled(cases[i:i + self.chunk], mirroring=self.mirror).items():
                 if probs.shape[0] != ctx.num_classes:
                     raise RuntimeError(f"--ssl {self.name}: prediction of {case} has {probs.shape[0]} channels, "
                                        f"not the {ctx.num_classes} classes")
