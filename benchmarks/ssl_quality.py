@@ -143,7 +143,7 @@ def main(argv=None) -> None:
                 if "largest_component" not in done[key] and not tag and (pred / "summary.json").is_file():
                     done[key]["largest_component"] = evaluate_largest_component(pred, test_labels, proto)
                 continue
-            ssl_opts = ["--ssl-opt", *args.ssl_opt] if args.ssl_opt and method != "none" else []
+            ssl_opts = [a for o in args.ssl_opt for a in ("--ssl-opt", o)] if method != "none" else []
             # the protocol's budget is iterations (labelled batches): a method with two optimiser
             # steps per iteration (UCMT's UMIX step) gets as many iterations as the others
             m = method_instance(method, args.ssl_opt if method != "none" else [])
