@@ -332,6 +332,32 @@ def test_gct_step_trains_the_flaw_detector_and_round_trips_its_state(dim):
         other.detector(x, make_ctx(nets))
 
 
+def test_gct_weights_after_a_warm_start_drop_the_flaw_correction():
+    """From scratch the code's weights (dc 5, fc 1); after a warm start dc 1 and no flaw correction
+    (its D starts untrained beside networks that already fit the labels); given values hold in both."""
+    torch.manual_seed(0)
+    nets = {"cnn1": conv1x1([1.0, -1.0], [0.0, 0.0], 2), "cnn2": conv1x1([-0.5, 0.5], [0.1, 0.0], 2)}
+    x = torch.randn(2, 1, 64, 64)
+    lab = {"data": x, "target": [torch.randint(0, 2, (2, 1, 64, 64), dtype=torch.int16)], "keys": ["a", "b"]}
+    unl = {"data": torch.randn(2, 1, 64, 64), "keys": ["c", "d"]}
+
+    def step(warm: bool, **options):
+        method = create_method("gct", rampup="0", fd_lr="1e-2", flaw_clip="0", threshold="0.3", **options)
+        ctx = make_ctx(nets, step=10, supervised_loss=SupervisedLoss())
+        ctx.warm_started = warm
+        (loss, *_) = list(method.training_step(lab, unl, ctx))
+        return loss.item(), ctx.pop_logged()
+
+    cold, lc = step(False)
+    assert lc["loss_fc"] > 0 and lc["loss_dc"] > 0
+    assert cold == pytest.approx(lc["loss_sup"] + 5.0 * lc["loss_dc"] + lc["loss_fc"], rel=1e-5)
+    warm, lw = step(True)
+    assert lw["loss_fc"] == 0.0
+    assert warm == pytest.approx(lw["loss_sup"] + 1.0 * lw["loss_dc"], rel=1e-5)
+    given, lg = step(True, dc_weight="5", fc_weight="1")
+    assert given == pytest.approx(lg["loss_sup"] + 5.0 * lg["loss_dc"] + lg["loss_fc"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- end to end through the trainer
 @pytest.fixture(scope="module", params=["3d_fullres", "2d"])
 def prepared(request, tmp_path_factory):
