@@ -99,6 +99,8 @@ def test_cps_weight_is_the_papers_after_a_warm_start_and_ssl4mis_from_scratch():
     ctx.warm_started = True
     assert ramp_weight(m.lambda_max, 0.0, ctx) == pytest.approx(1.5)
     assert ramp_weight(create_method("cps", **{"lambda": "0.4"}).lambda_max, 0.0, ctx) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="lambda must be >= 0"):
+        create_method("cps", **{"lambda": "-1"})
 
 
 def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):

@@ -65,11 +65,14 @@ def rampup_option(method, cold: float, warm: float = WARM_RAMPUP) -> float | tup
 
 def warm_default(method, key: str, cold: float, warm: float) -> float | tuple[float, float]:
     """A weight option whose default depends on the start: unset, (``cold``, ``warm``), of which
-    ``ramp_weight`` takes ``warm`` in a warm-started run; given, that value in every run."""
+    ``ramp_weight`` takes ``warm`` in a warm-started run; given, that value in every run (>= 0)."""
     v = method.options.get(key)
     if v is None:
         return (float(cold), float(warm))
-    return float(v)
+    v = float(v)
+    if not v >= 0:
+        raise ValueError(f"--ssl {method.name}: {key} must be >= 0, got {v}")
+    return v
 
 
 def ramp_weight(lambda_max, rampup_fraction, ctx: TrainingContext) -> float:

@@ -72,11 +72,6 @@ from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabe
 from autossl.ssl.registry import register
 
 
-def _given(v) -> float:
-    """The smaller value of a (cold, warm) default, or the value given."""
-    return min(v) if isinstance(v, tuple) else v
-
-
 # ----------------------------------------------------------------------------- blur, dilation
 def gaussian_blur(x: torch.Tensor, sigmas) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, *spatial) with one σ (voxels) per axis; σ < 0.3 leaves
@@ -223,8 +218,6 @@ class GCT(SSLMethod):
         self.fd_reblur = self.option("fd_reblur", 0.04)
         self.flaw_blur = self.option("flaw_blur", 0.011)
         self.flaw_clip = self.option("flaw_clip", 0.1)
-        if min(_given(self.dc_weight), _given(self.fc_weight)) < 0:
-            raise ValueError(f"--ssl gct: dc_weight and fc_weight must be >= 0, got {self.dc_weight}, {self.fc_weight}")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"--ssl gct: threshold must be in [0, 1] (normalised flaw maps), got {self.threshold}")
         if not self.fd_lr > 0:
