@@ -170,7 +170,15 @@ def main(argv=None) -> None:
             debug = json.loads((model_dir / "fold_all" / "debug.json").read_text())
             w = int(debug.get("warmup_steps", 0))
             n_nets = sum(1 for n in debug["networks"] if n["trainable"])
-            cost = (w * n_nets + (iterations - w) * m.relative_cost(debug["unlabeled_ratio"])) / iterations
+            # the method's own predictions of the unlabelled pool (temporal ensembling's updates,
+            # self-training's rounds): forward passes over one patch each, against supervised's
+            # forward (1) and backward (2) over a batch
+            pool = debug.get("pool_prediction") or {}
+            pool_units = pool.get("network_inputs", 0) / (3 * debug["batch_size_per_rank"])
+            cost = (w * n_nets + (iterations - w) * m.relative_cost(debug["unlabeled_ratio"]) + pool_units) / iterations
+            if pool.get("predictions"):
+                row["pool_prediction"] = {"predictions": pool["predictions"], "patches": pool["network_inputs"],
+                                          "seconds": round(pool["seconds"], 1)}
             row.update(labeled=lab, method=method, seed=seed, tag=tag, warmup_iterations=w,
                        steps=w + (iterations - w) * per_it, iterations=iterations,
                        train_s=round(t_train, 1), predict_s=round(t_pred, 1), arithmetic_ratio=round(cost, 2))

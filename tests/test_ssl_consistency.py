@@ -3,6 +3,7 @@ tiny end-to-end runs (train, resume with --c, predict) in 2d and 3d_fullres."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import shutil
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from autossl.components.losses import SupervisedLoss
+from autossl.preprocessing import storage
 from autossl.ssl.registry import available_methods, create_method
 from test_ssl_classic import conv1x1, labeled_batch, make_ctx
 from test_training import TINY, prepare_dataset
@@ -432,6 +434,22 @@ def train_resume_and_predict(prepared, method_name: str, options: dict, monkeypa
     return t, final, text
 
 
+def pool_tiles(t) -> int:
+    """Tiles the sliding window makes over every unlabelled case of trainer ``t`` (one pass each)."""
+    from autossl.inference.sliding_window import get_sliding_window_slicers
+
+    n = 0
+    for case in storage.list_cases(t.unlabeled_data_folder):
+        data, _, _ = storage.load_case(t.unlabeled_data_folder, case, load_seg=False)
+        spatial = data.shape[1:]
+        patch = tuple(t.patch_size)
+        two_d = len(patch) == len(spatial) - 1
+        padded = (spatial[0], *[max(a, p) for a, p in zip(spatial[1:], patch)]) if two_d else \
+            tuple(max(a, p) for a, p in zip(spatial, patch))
+        n += len(get_sliding_window_slicers(padded, patch, 0.5))
+    return n
+
+
 @pytest.mark.parametrize("method_name", list(E2E))
 def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
     """Train, stop after step 3, resume with --c, predict (``train_resume_and_predict``)."""
@@ -439,6 +457,10 @@ def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
     def before_resume(t, latest):
         if method_name == "temporal_ensembling":
             assert latest["ssl_state"]["updates"] == 1 and len(latest["ssl_state"]["ensemble"]["cases"]) == 4
+            # the one pool prediction so far: one pass per tile of every unlabelled case
+            assert latest["pool_prediction"]["predictions"] == 1
+            assert latest["pool_prediction"]["network_inputs"] == pool_tiles(t)
+            assert latest["pool_prediction"]["seconds"] > 0
             shutil.rmtree(t.output_folder / "pseudo_labels")  # only the checkpoint keeps the ensemble
         if method_name == "gct":
             assert latest["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 1
@@ -451,6 +473,13 @@ def test_train_resume_and_predict(prepared, method_name, monkeypatch, tmp_path):
         assert final["ssl_state"]["updates"] == 1
         assert {c["count"] for c in final["ssl_state"]["ensemble"]["cases"].values()} == {1}
         assert not (t.output_folder / "pseudo_labels").exists()
+        # the count survived --c (no new update after it) and reached debug.json for the benchmark
+        debug = json.loads((t.output_folder / "debug.json").read_text())
+        assert final["pool_prediction"]["network_inputs"] == debug["pool_prediction"]["network_inputs"] == pool_tiles(t)
+        assert debug["pool_prediction"]["predictions"] == 1
+        assert "predicted the unlabelled pool 1 time(s)" in text
+    else:  # a method that never predicts its pool
+        assert final["pool_prediction"]["predictions"] == 0
     if method_name == "gct":  # D continued from the checkpoint: 3 semi-supervised steps in all
         assert final["ssl_state"]["fd_optimizer"]["state"][0]["step"] == 3
         assert set(final["networks"]) == {"cnn1", "cnn2"}

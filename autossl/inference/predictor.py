@@ -157,6 +157,9 @@ class Predictor:
         self.allow_tqdm = allow_tqdm
         self.batch_size = batch_size
         self.use_amp = use_amp
+        #: patches through a network so far, over every prediction of this predictor
+        #: (``SlidingWindowPredictor.network_inputs``)
+        self.network_inputs = 0
         self.plans_manager = self.configuration_manager = self.dataset_json = self.label_manager = None
         self.trainer_name: str | None = None
         self.allowed_mirroring_axes: tuple[int, ...] | None = None
@@ -341,6 +344,7 @@ class Predictor:
                     self._load_fold(i)
                 p = sw.predict(data)
                 prediction = p if prediction is None else prediction.add_(p)
+            self.network_inputs += sw.network_inputs
         if self.num_folds > 1:
             prediction /= self.num_folds
         return prediction

@@ -190,6 +190,9 @@ class SlidingWindowPredictor:
         self.amp_dtype = autocast_dtype(self.device, use_amp)
         self.allow_tqdm = allow_tqdm
         self.verbose = verbose
+        #: patches through a network so far (tiles x flips x networks): the work a caller may
+        #: count, e.g. a training run's predictions of its unlabelled pool
+        self.network_inputs = 0
 
     # ------------------------------------------------------------------ tiles
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -203,6 +206,7 @@ class SlidingWindowPredictor:
                else nullcontext())
         for net in self.networks:
             outs = []
+            self.network_inputs += int(inputs.shape[0])
             with amp:
                 for start in range(0, inputs.shape[0], self.batch_size):
                     outs.append(_forward(net, inputs[start:start + self.batch_size]).float())

@@ -6,6 +6,7 @@ this module) and use its folders, loaders, DDP rank and ``make_predictor``."""
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 import blosc2
@@ -33,8 +34,14 @@ def predict_unlabeled(trainer, cases: list[str] | None = None, mirroring: bool =
     mine = cases[trainer.dist.rank::trainer.dist.world_size]
     out: dict[str, np.ndarray] = {}
     if mine:
-        probs = trainer.make_predictor(use_mirroring=mirroring).predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
+        t0 = time.time()
+        predictor = trainer.make_predictor(use_mirroring=mirroring)
+        probs = predictor.predict_preprocessed_cases(trainer.unlabeled_data_folder, mine)
         out = {c: p.astype(np.float16) if trainer.dist.is_ddp else p for c, p in probs.items()}
+        count = trainer.pool_prediction  # this rank's work (the benchmark runs one process)
+        count["predictions"] += 1
+        count["network_inputs"] += predictor.network_inputs
+        count["seconds"] += time.time() - t0
     if trainer.dist.is_ddp:
         merged: dict[str, np.ndarray] = {}
         for part in ddp.all_gather_objects(out):

@@ -232,6 +232,10 @@ class Trainer:
         self._warmup_done = False
         self._single_components: tuple[int, ...] | None = None  # decided from the labelled cases
         self._pretrained_loaded = False
+        #: the method's predictions of the unlabelled pool during training (``predict_unlabeled``):
+        #: how many, patches through a network (tiles x flips x networks) and seconds; part of the
+        #: run's work that its training steps do not show (debug.json, the benchmark's ratios)
+        self.pool_prediction = {"predictions": 0, "network_inputs": 0, "seconds": 0.0}
         self._dropout_hooks: list = []  # a method's dropout: off during the supervised warm start
 
         # ---------------------------------------------------------------- labels, patches, batches
@@ -589,6 +593,7 @@ class Trainer:
             "warmup": self.warmup,
             "warmup_done": self._warmup_done,
             "pretrained_loaded": self._pretrained_loaded,
+            "pool_prediction": dict(self.pool_prediction),
             "num_epochs": self.num_epochs,
             "iterations_per_epoch": self.iterations_per_epoch,
             "budget_plan": None if self._budget_plan is None else self._budget_plan.__dict__,
@@ -645,6 +650,7 @@ class Trainer:
         self.warmup = float(ckpt.get("warmup", self.warmup))  # a resumed run keeps its phases
         self._warmup_done = bool(ckpt.get("warmup_done", self.warmup_steps == 0))
         self._pretrained_loaded = bool(ckpt.get("pretrained_loaded", False))
+        self.pool_prediction.update(ckpt.get("pool_prediction") or {})
         self._sync_phases()
         if not self.dist.is_ddp:  # under DDP every rank reseeds from (seed, rank, step) instead
             try:
@@ -740,7 +746,7 @@ class Trainer:
             "mirror_axes": self.geometry.mirror_axes, "deep_supervision_scales": self.deep_supervision_scales,
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "total_steps": self.total_steps, "val_iterations": self.val_iterations, "rounds": self.rounds,
-            "warmup_steps": self.warmup_steps,
+            "warmup_steps": self.warmup_steps, "pool_prediction": dict(self.pool_prediction),
             "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None,
             "budget_s": self.budget_s, "seed": self.seed, "num_workers": self.num_workers, "compile": self.compile,
             "amp": self.amp_dtype is not None,
@@ -1001,6 +1007,11 @@ class Trainer:
         extra = f" ({self.current_step * k} optimiser steps per network)" if k != 1 else ""
         elapsed = _fmt_time(time.time() - self._t_start)
         self.logger.print(f"training done: {self.current_step} steps{extra} in {elapsed}")
+        if self.pool_prediction["predictions"]:
+            pp = self.pool_prediction
+            self.logger.print(f"the method predicted the unlabelled pool {pp['predictions']} time(s): "
+                              f"{pp['network_inputs']} patches through a network, {_fmt_time(pp['seconds'])}")
+        self._save_debug_json()  # now with the run's pool predictions
 
     # ================================================================== final validation
     def perform_final_validation(self) -> dict | None:

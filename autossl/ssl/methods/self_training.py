@@ -109,7 +109,8 @@ class SelfTraining(SSLMethod):
 
     def relative_cost(self, r: float) -> float:
         """Round 0 is supervised (1); later rounds make a forward + backward over B + rB. The
-        prediction of the unlabelled pool between rounds is not counted here."""
+        prediction of the unlabelled pool between rounds is counted by the trainer
+        (``Trainer.pool_prediction``), not here."""
         later = (self.rounds - 1) / max(1, self.rounds)
         return (1 - later) + later * (1 + r)
 

@@ -44,8 +44,9 @@ bytes); Hippocampus (260 cases of about 36×50×35 voxels, C = 3) ≈ 49 MB full
 zlib-compressed (``state_dict``: bytes per case, plus the update counts; tensors and plain data
 only), so ``--c`` continues with the same ensemble and hands its targets to the loader again at
 the first resumed step. The whole-pool prediction at each update is not in ``relative_cost``
-(as self-training's): about ``1/update_every`` sliding-window passes over the unlabelled pool
-per run.
+(as self-training's), which knows neither the pool nor its tiles: the trainer counts the
+patches those predictions put through the network (``Trainer.pool_prediction``, in debug.json),
+and the benchmark adds them to the arithmetic ratio.
 """
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ class TemporalEnsembling(SSLMethod):
 
     def relative_cost(self, r: float) -> float:
         """Forward + backward over B + rB; the ensemble updates (a sliding-window prediction of
-        the unlabelled pool every ``update_every``) are not counted."""
+        the unlabelled pool every ``update_every``) are counted by the trainer
+        (``Trainer.pool_prediction``), not here."""
         return 1 + r
 
     # ------------------------------------------------------------------ ensemble updates
