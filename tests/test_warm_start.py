@@ -331,3 +331,12 @@ def test_relative_costs():
     assert create_method("mean_teacher").relative_cost(r) == pytest.approx(7 / 3)
     assert create_method("ua_mt").relative_cost(r) == pytest.approx(15 / 3)
     assert create_method("fixmatch").relative_cost(r) == pytest.approx(7 / 3)
+
+
+def test_cps_warm_start_defaults_to_thirty_percent_of_the_run(ds):
+    """CPS's own default (a longer semi-supervised phase), other methods keep half the run, and
+    --warmup overrides it."""
+    for ssl in ("cps", "cps_cutmix"):
+        assert _trainer(ds, fold="all", ssl=ssl, epochs=2, iterations_per_epoch=5).warmup_steps == 3
+    assert _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=5).warmup_steps == 5
+    assert _trainer(ds, fold="all", ssl="cps", epochs=2, iterations_per_epoch=5, warmup=0.5).warmup_steps == 5
