@@ -208,7 +208,7 @@ def test_cps_step_on_labelled_and_unlabelled_images():
     # SSL4MIS's recipe from scratch (a ramp over the run), a short ramp after a warm start
     assert (create_method("cps").lambda_max, create_method("cps").rampup) == ((0.1, 1.5), (1.0, 0.1))
     assert create_method("cps", **{"lambda": "0.3"}).lambda_max == 0.3
-    cps = create_method("cps", **{"lambda": "1.5", "rampup": "0"})  # the paper's constant λ
+    cps = create_method("cps", **{"lambda": "1.5", "rampup": "0", "dice": "false"})  # the paper's constant λ and CE
     ctx = make_ctx({"cnn1": net1, "cnn2": net2}, supervised_loss=lambda o, t: torch.tensor(0.25))
     (loss,) = run_step(cps, labeled_batch(xl), {"data": xu, "keys": ["u"]}, ctx)
     x = torch.cat([xl, xu]).numpy().reshape(2, -1)
@@ -225,6 +225,41 @@ def test_cps_step_on_labelled_and_unlabelled_images():
     logged = ctx.pop_logged()
     assert logged["agreement"] == pytest.approx(float((y1[1] == y2[1]).mean()))
     assert logged["ramp_weight"] == 1.5
+
+
+def test_pseudo_label_loss_dice_term_weighs_a_missed_small_structure():
+    from autossl.components.losses import ce_loss
+    from autossl.ssl.methods.cps import pseudo_label_loss
+    labels = torch.zeros(1, 1, 10, 10, dtype=torch.long)
+    labels[0, 0, 4, 4] = 1                                          # one foreground voxel of 100
+    logits = torch.zeros(1, 2, 10, 10)
+    logits[:, 0] = 4.0                                              # background everywhere, p_fg = 1/(1+e^4)
+    ce = ce_loss(logits, labels).item()
+    p_fg = 1 / (1 + math.exp(4))
+    assert ce == pytest.approx((99 * -math.log(1 - p_fg) - math.log(p_fg)) / 100, rel=1e-5)
+    dice = 1 - 2 * p_fg / (100 * p_fg + 1)                          # soft Dice of the foreground over the batch
+    assert pseudo_label_loss(logits, labels).item() == pytest.approx(ce, rel=1e-5)
+    assert pseudo_label_loss(logits, labels, dice=True).item() == pytest.approx(ce + dice, rel=1e-4)
+    assert dice > 0.9 > 20 * ce / 100                                # the Dice term, not CE, sees the miss
+    # the method's default: CE + Dice; the paper's CE on request
+    assert create_method("cps").dice and not create_method("cps", dice="false").dice
+
+
+def test_cps_cutmix_strong_view_trains_the_mix_against_unaugmented_pseudo_labels():
+    net1, net2 = conv1x1([1.0, -1.0], [0.0, 0.0]), conv1x1([-1.0, 1.0], [0.2, 0.0])
+    xu = torch.randn(3, 1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    xl = torch.randn(1, 1, 4, 6, 6)
+    shift = lambda x: x + 5.0  # noqa: E731  (an intensity-only "strong" augmentation)
+    plain = create_method("cps_cutmix", strong="false")
+    strong = create_method("cps_cutmix")
+    assert strong.strong and not plain.strong and not create_method("cps").strong
+    x0, y1_0, y2_0 = plain.mixed_batch(xu, xl, make_ctx({"cnn1": net1, "cnn2": net2}, seed=5, strong_augment=shift))
+    x1, y1_1, y2_1 = strong.mixed_batch(xu, xl, make_ctx({"cnn1": net1, "cnn2": net2}, seed=5, strong_augment=shift))
+    torch.testing.assert_close(x1, x0 + 5.0)       # the mix, then the strong augmentation
+    assert torch.equal(y1_0, y1_1) and torch.equal(y2_0, y2_1)  # pseudo-labels of the unaugmented sources
+    # a shift of +5 would flip net1's argmax almost everywhere: the labels did not see it
+    with torch.no_grad():
+        assert not torch.equal(net1(x1).argmax(1, keepdim=True), y1_1)
 
 
 def test_cutmix_box_mixing_of_images_and_pseudo_labels_is_exact():
@@ -284,7 +319,7 @@ def test_fixmatch_threshold_mask_and_strong_view_loss():
     xu = torch.tensor([1.0, 0.1, -0.8, 0.02]).view(1, 1, 1, 2, 2)
     shift = 0.5
     assert create_method("fixmatch").rampup == (1.0, 0.1)  # ramped by default (short after a warm start); rampup=0 is the paper's constant λ_u
-    fm = create_method("fixmatch", cutout="false", threshold=0.95, rampup="0")
+    fm = create_method("fixmatch", cutout="false", cutmix="false", dice="false", threshold=0.95, rampup="0")
     ctx = make_ctx({"student": net}, strong_augment=lambda x: x - shift)
     (loss,) = run_step(fm, labeled_batch(xu), {"data": xu, "keys": ["u"]}, ctx)
     x = xu.numpy().reshape(-1)
@@ -299,8 +334,43 @@ def test_fixmatch_threshold_mask_and_strong_view_loss():
     assert logged["pl_confidence"] == pytest.approx(pw.max(0).mean(), rel=1e-5)
 
 
+def test_fixmatch_cutmix_mixes_strong_views_labels_and_mask_alike_and_adds_a_dice_term():
+    from autossl.components.losses import soft_dice_loss
+    from autossl.ssl.methods.fixmatch import masked_ce
+    fm = create_method("fixmatch", cutmix_min=0.4, cutmix_max=0.4, threshold=0.6, rampup="0")
+    assert fm.cutmix and fm.dice and not fm.cutout
+    assert create_method("fixmatch", cutmix="false").cutout  # CutOut when CutMix is off
+    assert not create_method("pseudoseg").cutmix and create_method("pseudoseg").cutout
+    strong = torch.arange(3 * 36, dtype=torch.float32).view(3, 1, 6, 6)
+    labels = torch.tensor([0, 1, 1]).view(3, 1, 1, 1).expand(3, 1, 6, 6).clone()
+    mask = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1, 1).expand(3, 1, 6, 6).clone()
+    x, y, m = fm.mix(strong, labels, mask, make_ctx({}, seed=4))
+    box = box_mask(3, (6, 6), (0.4, 0.4), torch.Generator().manual_seed(4)).bool()
+    p = torch.tensor([1, 2, 0])
+    assert 0 < box.float().mean() < 1
+    assert torch.equal(x, torch.where(box, strong[p], strong))
+    assert torch.equal(y, torch.where(box, labels[p], labels)) and torch.equal(m, torch.where(box, mask[p], mask))
+    # a single image has no partner: unchanged
+    x1, y1, m1 = fm.mix(strong[:1], labels[:1], mask[:1], make_ctx({}, seed=4))
+    assert torch.equal(x1, strong[:1]) and torch.equal(y1, labels[:1])
+
+    # the step: CE over all voxels plus the soft Dice over confident voxels of the batch
+    net = conv1x1([3.0, -3.0], [0.0, 0.0])
+    xu = torch.tensor([1.0, 0.1, -0.8, 0.02]).view(1, 1, 1, 2, 2)
+    ctx = make_ctx({"student": net}, strong_augment=lambda t: t - 0.5)
+    (loss,) = run_step(fm, labeled_batch(xu), {"data": xu, "keys": ["u"]}, ctx)
+    with torch.no_grad():
+        weak = net(xu)
+        lab = weak.argmax(1, keepdim=True)
+        keep = (torch.softmax(weak, 1).amax(1, keepdim=True) >= 0.6).float()
+        out = net(xu - 0.5)
+    expected = masked_ce(out, lab, keep) + soft_dice_loss(out, lab, batch_dice=True, mask=keep)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - masked_ce(out, lab, keep).item()) > 0.05
+
+
 def test_fixmatch_cutout_erases_a_box_of_the_strong_view_only():
-    fm = create_method("fixmatch", cutout_min=0.2, cutout_max=0.2)
+    fm = create_method("fixmatch", cutmix="false", cutout_min=0.2, cutout_max=0.2)
     x = torch.randn(2, 1, 6, 8, 8)
     ctx = make_ctx({}, seed=2)
     strong = fm.strong_view(x, ctx)

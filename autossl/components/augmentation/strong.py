@@ -146,6 +146,15 @@ def box_mask(batch: int, spatial_shape: Sequence[int], fraction: tuple[float, fl
     return mask
 
 
+def cutmix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a`` outside and ``b`` inside the box mask M (B, 1, *spatial): a·(1 - M) + b·M for
+    images (and soft maps), the same selection for integer labels."""
+    if a.dtype.is_floating_point:
+        m = mask.to(a.dtype)
+        return a * (1 - m) + b * m
+    return torch.where(mask.bool(), b, a)
+
+
 def cutout(x: torch.Tensor, gen: torch.Generator, fraction: tuple[float, float] = (0.05, 0.25),
            p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Erase one random box per sample (with probability ``p``) with the sample's per-channel

@@ -1,11 +1,13 @@
 """FixMatch (Sohn et al., NeurIPS 2020) for segmentation.
 
 Weak view: the unlabelled batch as delivered (spatial + mirror). Strong view:
-``ctx.strong_augment`` of the weak view (intensity only, so the geometry is identical) plus
-CutOut. The weak view's prediction (no gradient) gives a hard pseudo-label, kept at voxels
-where max p >= τ; the strong view's prediction is trained against it with CE averaged over all
-voxels of the batch (FixMatch's mean of mask·CE). L = L_s + λ_u(t)·L_u, λ_u ramped to 1 with
-the sigmoid ramp-up over the run (the paper: constant 1; see documentation/ssl_methods.md).
+``ctx.strong_augment`` of the weak view (intensity only, so the geometry is identical), then
+CutMix with the next image of the batch (default; UniMatch's strong view) or CutOut. The weak
+view's prediction (no gradient) gives a hard pseudo-label, kept at voxels where max p >= τ and
+mixed like the images; the strong view's prediction is trained against it with CE averaged over
+all voxels of the batch (FixMatch's mean of mask·CE) plus, by default, the soft Dice over the
+confident voxels of the batch. L = L_s + λ_u(t)·L_u, λ_u ramped to 1 (see
+documentation/ssl_methods.md).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from autossl.components.augmentation.strong import cutout
+from autossl.components.augmentation.strong import box_mask, cutmix, cutout
+from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight,
@@ -37,11 +40,16 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 @register("fixmatch")
 class FixMatch(SSLMethod):
     """Options: threshold (0.95), lambda (1.0), clean (true: pseudo-labels cleaned to the largest
-    component of single-structure classes), rampup (1.0: the whole run; 0 = constant λ_u), cutout (true),
-    cutout_min / cutout_max (0.05 / 0.25: share of the patch erased)."""
+    component of single-structure classes), rampup (1.0: the whole run; 0 = constant λ_u), dice (true:
+    the Dice term of L_u), cutmix (true), cutmix_min / cutmix_max (0.25 / 0.5: share of the patch the
+    box covers), cutout (false; true when cutmix is off), cutout_min / cutout_max (0.05 / 0.25: share
+    of the patch erased)."""
 
     scalars = ("loss_sup", "loss_unsup", "pl_confidence", "pl_share")
     default_unlabeled_ratio = 1.0
+    #: CutMix of the strong views (its training step mixes them; subclasses that build their own
+    #: step from ``strong_view`` keep CutOut)
+    default_cutmix = True
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -50,8 +58,17 @@ class FixMatch(SSLMethod):
         # ramped, not the paper's constant λ_u: early, nearly every confident voxel is background,
         # and a constant weight teaches a from-scratch network to under-segment small structures
         self.rampup = rampup_option(self, cold=1.0)
-        self.cutout = self.option("cutout", True)
+        # CutMix between strong views (UniMatch's) rather than CutOut: a mixed view keeps every
+        # voxel trained, and its pseudo-label is the same mix of the two weak views' labels
+        self.cutmix = self.option("cutmix", self.default_cutmix)
+        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
+        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
+            raise ValueError(f"--ssl {self.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        self.cutout = self.option("cutout", not self.cutmix)
         self.cutout_fraction = (self.option("cutout_min", 0.05), self.option("cutout_max", 0.25))
+        # CE over all voxels is nearly all background (pl_share 0.9 on A2D-3, most of it
+        # background); the Dice term over the confident voxels weighs each structure alike
+        self.dice = self.option("dice", True)
         self.clean = clean_option(self)
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"--ssl fixmatch: threshold must be in [0, 1], got {self.threshold}")
@@ -72,6 +89,15 @@ class FixMatch(SSLMethod):
             strong, _ = cutout(strong, cpu_generator(ctx), self.cutout_fraction)
         return strong
 
+    def mix(self, strong: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, ctx: TrainingContext):
+        """CutMix each strong view with the next one of the batch under a random box; the
+        pseudo-labels and the confidence mask are mixed the same way."""
+        if not self.cutmix or strong.shape[0] < 2:
+            return strong, labels, mask
+        box = box_mask(strong.shape[0], strong.shape[2:], self.cutmix_fraction, cpu_generator(ctx), strong.device)
+        partner = (torch.arange(strong.shape[0], device=strong.device) + 1) % strong.shape[0]
+        return tuple(cutmix(t, t[partner], box) for t in (strong, labels, mask))
+
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
         require_label_maps(labeled["target"], self.name)
         net = ctx.networks["student"]
@@ -85,10 +111,13 @@ class FixMatch(SSLMethod):
             weak_logits = main_output(net(weak))
         labels, mask, conf = confident_pseudo_labels(weak_logits, self.threshold)
         labels = clean_pseudo_labels(labels, ctx, self.clean)
+        strong, labels, mask = self.mix(self.strong_view(weak, ctx), labels, mask, ctx)
         with ctx.autocast():
-            out_l, out_s = split_output(net(torch.cat([x_l, self.strong_view(weak, ctx)])), n_l)
+            out_l, out_s = split_output(net(torch.cat([x_l, strong])), n_l)
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
         loss_unsup = masked_ce(main_output(out_s), labels, mask)
+        if self.dice:
+            loss_unsup = loss_unsup + soft_dice_loss(main_output(out_s), labels, batch_dice=True, mask=mask)
         ctx.log("loss_sup", loss_sup)
         ctx.log("loss_unsup", loss_unsup)
         ctx.log("pl_confidence", conf.mean())

@@ -113,6 +113,7 @@ class PseudoSeg(FixMatch):
     cutout_min / cutout_max (0.05 / 0.25)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight", "pl_confidence", "pl_share", "pl_changed")
+    default_cutmix = False  # its own step: CE on the strong view with CutOut (the paper's)
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -58,6 +58,7 @@ class Semiformer(FixMatch):
     scalars = ("loss_sup_cnn", "loss_sup_vit", "loss_unsup_cnn", "loss_unsup_vit", "pl_confidence", "pl_share",
                "agreement")
     default_unlabeled_ratio = 1.0
+    default_cutmix = False  # its own step: FixMatch's strong view with CutOut
 
     def __init__(self, **options):
         super().__init__(**options)
