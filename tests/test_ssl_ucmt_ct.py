@@ -74,7 +74,7 @@ def test_cross_teaching_step_matches_formula_and_options():
     torch.manual_seed(0)
     cnn, vit = TinyDS(0), nn.Conv2d(1, 3, 3, padding=1)
     lab, unl = _batch()
-    method = create_method("cross_teaching", rampup="0.5")
+    method = create_method("cross_teaching", rampup="0.5", ct_loss="dice", cutmix="false")  # SSL4MIS's terms
     assert isinstance(method, CrossTeaching)
     assert [s.arch for s in method.network_specs()] == ["cnn", "transformer"]
     ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)  # end of the ramp: λ = 0.2
@@ -101,6 +101,35 @@ def test_cross_teaching_step_matches_formula_and_options():
                        ("ucmt", {"student1": cnn, "student2": cnn, "teacher": cnn})):
         with pytest.raises(ValueError, match="regions"):
             next(create_method(name).training_step(regions, unl, _ctx(nets)))
+
+
+def test_cross_teaching_defaults_learn_the_other_networks_labels_of_strong_cutmix_views():
+    from autossl.ssl.methods._shared import cutmix_pseudo_batch, pseudo_label_loss
+    torch.manual_seed(0)
+    cnn, vit = TinyDS(0), nn.Conv2d(1, 3, 3, padding=1)
+    lab, unl = _batch()
+    method = create_method("cross_teaching", rampup="0")
+    assert method.cutmix and method.strong and method.ct_loss_name == "dice_ce"
+    assert method.lambda_max == (0.2, 1.0)  # (from scratch, after a warm start)
+    shift = lambda t: t * 0.5 + 1.0  # noqa: E731  (intensity-only)
+    ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)
+    ctx.strong_augment, ctx.warm_started = shift, True
+    (loss,) = method.training_step(lab, unl, ctx)
+    # the same draws again: mixed views and each network's labels of the unmixed sources
+    ctx2 = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)
+    ctx2.strong_augment = shift
+    with torch.no_grad():
+        x_u, (y_cnn, y_vit) = cutmix_pseudo_batch([cnn, vit], unl["data"], lab["data"], ctx2, (0.25, 0.5), True, True)
+        assert not torch.equal(x_u, unl["data"])
+        x = torch.cat([lab["data"], x_u])
+        oc, ov = cnn(x), vit(x)
+        sup = SupervisedLoss()([o[:2] for o in oc], lab["target"]) + SupervisedLoss()(ov[:2], lab["target"])
+        ct = pseudo_label_loss(oc[0][2:], y_vit, dice=True) + pseudo_label_loss(ov[2:], y_cnn, dice=True)
+        # not the labels of the mixed views themselves
+        own = pseudo_label_loss(oc[0][2:], ov[2:].argmax(1, keepdim=True), dice=True) + \
+            pseudo_label_loss(ov[2:], oc[0][2:].argmax(1, keepdim=True), dice=True)
+    assert torch.allclose(loss.detach(), sup + 1.0 * ct, atol=1e-5)
+    assert not torch.allclose(loss.detach(), sup + 1.0 * own, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- UMIX
@@ -266,12 +295,35 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     assert len(list(no_umix.training_step(lab, unl, ctx))) == 1 and no_umix.optimizer_steps_per_iteration == 1
 
 
+def test_ucmt_pseudo_label_loss_and_weight_defaults():
+    from autossl.ssl.methods._shared import pseudo_label_loss
+    from autossl.ssl.methods.ucmt import ucmt_dice
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 6, 6, generator=g)
+    y = torch.randint(0, 3, (2, 1, 6, 6), generator=g)
+    m = create_method("ucmt")
+    assert m.weight == (0.1, 0.75)  # (from scratch: the code's, after a warm start)
+    assert m.pseudo_loss(logits, y).item() == pytest.approx(pseudo_label_loss(logits, y, dice=True).item())
+    code = create_method("ucmt", unsup_loss="dice", weight="0.1")
+    assert code.weight == 0.1 and code.pseudo_loss(logits, y).item() == pytest.approx(ucmt_dice(logits, y).item())
+    assert abs(m.pseudo_loss(logits, y).item() - code.pseudo_loss(logits, y).item()) > 0.05
+    with pytest.raises(ValueError, match="unsup_loss"):
+        create_method("ucmt", unsup_loss="mse")
+    with pytest.raises(ValueError, match="weight"):
+        create_method("ucmt", weight="-1")
+
+
 def test_ucmt_student_views():
     x = torch.randn(4, 1, 8, 10, 6)
     ctx = _ctx({}, step=0)
     v1, v2 = create_method("ucmt", views="none").student_views(x, ctx)
     assert v1 is x and v2 is x  # the loader's batch, untouched
-    b1, b2 = create_method("ucmt").student_views(x, ctx)  # default blur: p 0.8 per sample, independent draws
+    calls = []
+    ctx_s = _ctx({}, step=0)
+    ctx_s.strong_augment = lambda t: (calls.append(1), t + len(calls))[1]  # noqa: E731
+    s1, s2 = create_method("ucmt").student_views(x, ctx_s)  # default: two strong-augmentation draws
+    assert len(calls) == 2 and torch.equal(s1, x + 1) and torch.equal(s2, x + 2)
+    b1, b2 = create_method("ucmt", views="blur").student_views(x, ctx)  # the 3D code's: p 0.8 per sample, independent draws
     changed = [not torch.equal(b1[i], x[i]) for i in range(4)] + [not torch.equal(b2[i], x[i]) for i in range(4)]
     assert any(changed) and not torch.equal(b1, b2)
     assert b1.shape == x.shape and torch.allclose(b1.mean(), x.mean(), atol=0.2)  # a blur keeps the mean level

@@ -5,8 +5,9 @@ from typing import Any
 
 import torch
 
-from autossl.components.augmentation.strong import device_generator
-from autossl.ssl.context import TrainingContext
+from autossl.components.augmentation.strong import box_mask, cutmix, device_generator
+from autossl.components.losses import ce_loss, soft_dice_loss
+from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.pseudo_label_cleaning import keep_largest_components
 from autossl.ssl.ramps import sigmoid_rampup
 
@@ -144,3 +145,33 @@ def check_choice(method: str, key: str, value: str, allowed: tuple[str, ...]) ->
     if value not in allowed:
         raise ValueError(f"--ssl {method}: option {key}={value!r} must be one of {', '.join(allowed)}")
     return value
+
+
+def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, dice: bool = False) -> torch.Tensor:
+    """CE of ``logits`` against hard pseudo-labels; with ``dice``, plus the soft Dice over the
+    batch (foreground classes), so that a structure weighs as much as the background around it."""
+    loss = ce_loss(logits, labels)
+    if dice:
+        loss = loss + soft_dice_loss(logits, labels, batch_dice=True)
+    return loss
+
+
+def cutmix_pseudo_batch(networks, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext,
+                        fraction: tuple[float, float], clean: bool = True, strong: bool = False):
+    """CutMix of the unlabelled images and of each network's hard pseudo-labels of them (CPS's
+    CutMix variant): every image is mixed under a random box with the next one (a single
+    unlabelled image with the first labelled one); the pseudo-labels come from each network's
+    prediction of the unmixed sources (no gradient; cleaned with ``clean``) and are mixed under
+    the same box. With ``strong`` the mixed images then get ``ctx.strong_augment`` (the labels
+    stay those of the unaugmented sources). Returns (mixed images, [pseudo-labels per network])."""
+    pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
+    n_u = x_u.shape[0]
+    with torch.no_grad(), ctx.autocast():
+        labels = [clean_pseudo_labels(main_output(net(pool)).detach().argmax(1, keepdim=True), ctx, clean)
+                  for net in networks]
+    mask = box_mask(n_u, x_u.shape[2:], fraction, cpu_generator(ctx), x_u.device)
+    partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
+    mixed = cutmix(pool[:n_u], pool[partner], mask)
+    if strong:
+        mixed = ctx.strong_augment(mixed)
+    return mixed, [cutmix(y[:n_u], y[partner], mask) for y in labels]

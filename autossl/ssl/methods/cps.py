@@ -17,27 +17,18 @@ from typing import Iterator
 
 import torch
 
-from autossl.components.augmentation.strong import box_mask, cutmix
-from autossl.components.losses import ce_loss, soft_dice_loss
+from autossl.components.augmentation.strong import cutmix  # noqa: F401  (BCP and the tests import it from here)
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled,
-                                         ramp_weight, rampup_option, require_label_maps, split_output, warm_default)
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_pseudo_batch,
+                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option,
+                                         require_label_maps, split_output, warm_default)
 from autossl.ssl.registry import register
 
 
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:
     """Argmax pseudo-label (B, 1, *spatial), detached."""
     return logits.detach().argmax(1, keepdim=True)
-
-
-def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, dice: bool = False) -> torch.Tensor:
-    """CE of ``logits`` against hard pseudo-labels; with ``dice``, plus the soft Dice over the
-    batch (foreground classes), so that a structure weighs as much as the background around it."""
-    loss = ce_loss(logits, labels)
-    if dice:
-        loss = loss + soft_dice_loss(logits, labels, batch_dice=True)
-    return loss
 
 
 def cross_pseudo_loss(logits1: torch.Tensor, logits2: torch.Tensor, clean=lambda y: y, dice: bool = False) -> torch.Tensor:
@@ -100,21 +91,10 @@ class CPS(SSLMethod):
         return (2 * 3 * (1 + r) + (2 * r if self.cutmix else 0)) / 3
 
     def mixed_batch(self, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext):
-        """CutMix the unlabelled images; returns (mixed images, pseudo-labels of net1, of net2).
-        With ``strong`` the mixed images then get the strong intensity augmentation.
-
-        Partners are the next unlabelled image; with a single unlabelled image its partner is
-        the first labelled image (whose pseudo-labels, like all here, come from the networks)."""
-        pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
-        n_u = x_u.shape[0]
-        with torch.no_grad(), ctx.autocast():
-            y1 = clean_pseudo_labels(hard_labels(main_output(ctx.networks["cnn1"](pool))), ctx, self.clean)
-            y2 = clean_pseudo_labels(hard_labels(main_output(ctx.networks["cnn2"](pool))), ctx, self.clean)
-        mask = box_mask(n_u, x_u.shape[2:], self.cutmix_fraction, cpu_generator(ctx), x_u.device)
-        partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
-        mixed, p1, p2 = (cutmix(t[:n_u], t[partner], mask) for t in (pool, y1, y2))
-        if self.strong:
-            mixed = ctx.strong_augment(mixed)
+        """CutMix the unlabelled images (``cutmix_pseudo_batch``); returns (mixed images,
+        pseudo-labels of net1, of net2)."""
+        mixed, (p1, p2) = cutmix_pseudo_batch([ctx.networks["cnn1"], ctx.networks["cnn2"]], x_u, x_l, ctx,
+                                              self.cutmix_fraction, self.clean, self.strong)
         return mixed, p1, p2
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:

@@ -6,17 +6,24 @@ A CNN ("cnn": the plans' ``architecture``) and a transformer ("transformer": the
     L = w_s·L_s(CNN) + w_s·L_s(ViT) + λ(t)·[L_ct(p_cnn(u), ŷ_vit(u)) + L_ct(p_vit(u), ŷ_cnn(u))]
 
 ŷ = hard argmax of the OTHER network, detached. L_s is the backbone's Dice + CE (deep
-supervision for the CNN), w_s = 1, exactly the supervised trainer's loss, so the CNN's SGD
-steps have the supervised baseline's scale. SSL4MIS uses 0.5·(CE + Dice) with λ_max = 0.1;
-our default λ_max = 0.2 keeps that ratio of pseudo-label to label terms. L_ct is Dice (SSL4MIS)
-over the unlabelled batch, background included, on the highest-resolution output.
-λ(t) = λ_max·exp(-5(1 - t/T)²), T = ``rampup`` × the run's steps (SSL4MIS ramps over 200 of its
-200 "epochs": the whole run). No term forces the two networks to agree.
+supervision for the CNN), w_s = 1, exactly the supervised trainer's loss. SSL4MIS uses
+0.5·(CE + Dice) with λ_max = 0.1 and L_ct = Dice with the background.
 
-Options (``--ssl-opt key=value``): lambda (0.2), rampup (1.0), ct_loss (dice|ce|dice_ce),
-sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5 lambda=0.1), clean (true: pseudo-labels
-cleaned to the largest component of single-structure classes), predict (cnn|transformer|both; both averages the two softmaxes; the default is
-the ``network`` option, i.e. the CNN unless ``autossl_train --network transformer``).
+Defaults, after the supervised warm start (documentation/ssl_methods.md gives the figures):
+L_ct = CE + the foreground Dice over the batch (``ct_loss=dice_ce``), λ_max = 1.0 with a short
+ramp, and the unlabelled images are CPS-CutMix's views: mixed under a random box, then strongly
+intensity-augmented, each network's pseudo-labels taken from the unmixed, unaugmented images and
+mixed the same way. From scratch λ_max = 0.2 (SSL4MIS's ratio of pseudo-label to label terms),
+ramped over the run: λ(t) = λ_max·exp(-5(1 - t/T)²), T = ``rampup`` × the run's steps.
+No term forces the two networks to agree.
+
+Options (``--ssl-opt key=value``): lambda (1.0 warm, 0.2 from scratch), rampup, ct_loss
+(dice_ce|dice|ce; dice is SSL4MIS's, background included), cutmix (true), cutmix_min / cutmix_max
+(0.25 / 0.5), strong (true), sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5
+lambda=0.1 ct_loss=dice cutmix=false), clean (true: pseudo-labels cleaned to the largest
+component of single-structure classes), predict (cnn|transformer|both; both averages the two
+softmaxes; the default is the ``network`` option, i.e. the CNN unless ``autossl_train --network
+transformer``).
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ import torch
 from autossl.components.losses import ce_loss, soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.methods._shared import check_choice, clean_option, clean_pseudo_labels, has_unlabeled, ramp_weight, rampup_option, split_output
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_pseudo_batch,
+                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option, split_output,
+                                         warm_default)
 from autossl.ssl.registry import register
 
 CT_LOSSES = ("dice", "ce", "dice_ce")
@@ -43,8 +52,8 @@ def ct_loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         return ct_dice
     if name == "ce":
         return ce_loss
-    if name == "dice_ce":
-        return lambda logits, pseudo: ct_dice(logits, pseudo) + ce_loss(logits, pseudo)
+    if name == "dice_ce":  # CE + the foreground Dice over the batch (CPS's pseudo-label loss)
+        return lambda logits, pseudo: pseudo_label_loss(logits, pseudo, dice=True)
     raise ValueError(f"cross_teaching: ct_loss {name!r} must be one of {', '.join(CT_LOSSES)}")
 
 
@@ -78,25 +87,38 @@ class CrossTeaching(SSLMethod):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.lambda_max = self.option("lambda", 0.2)
+        # from scratch SSL4MIS's weak cross terms (0.2 against our unhalved L_s); after the
+        # supervised warm start (the default) both networks predict usable labels at once, and
+        # 0.2 leaves the unlabelled images too little say in a 1000-iteration run
+        self.lambda_max = warm_default(self, "lambda", cold=0.2, warm=1.0)
         self.rampup = rampup_option(self, cold=1.0)
         self.sup_weight = self.option("sup_weight", 1.0)
-        self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
+        # CE + foreground Dice (the supervised loss's terms; SSL4MIS: Dice with the background,
+        # which lets the background's large overlap hide a missed structure)
+        self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice_ce"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
+        # each network learns from the other's labels of CutMix views with the strong intensity
+        # augmentation, labelled from the unmixed, unaugmented images (CPS-CutMix's views): the
+        # architectures' difference alone left the two networks agreeing on their mistakes
+        self.cutmix = self.option("cutmix", True)
+        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
+        self.strong = self.option("strong", True) and self.cutmix
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         predict = self.option("predict", self.option("inference", main))
         self.predict = check_choice(self.name, "predict", predict, ("cnn", "transformer", "both"))
         self.clean = clean_option(self)
-        if self.lambda_max < 0 or self.sup_weight <= 0:
-            raise ValueError(f"--ssl cross_teaching: need lambda >= 0, sup_weight > 0; got "
-                             f"{self.lambda_max}, {self.sup_weight}")
+        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
+            raise ValueError(f"--ssl cross_teaching: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        if self.sup_weight <= 0:
+            raise ValueError(f"--ssl cross_teaching: need sup_weight > 0; got {self.sup_weight}")
 
     def network_specs(self) -> list[NetworkSpec]:
         return [NetworkSpec("cnn", arch="cnn"), NetworkSpec("transformer", arch="transformer")]
 
     def relative_cost(self, r: float) -> float:
-        """CNN and transformer, forward + backward over B + rB each (an equal-cost transformer)."""
-        return 2 * 3 * (1 + r) / 3
+        """CNN and transformer, forward + backward over B + rB each (an equal-cost transformer);
+        CutMix adds both networks' forward over the rB unmixed sources (their pseudo-labels)."""
+        return (2 * 3 * (1 + r) + (2 * r if self.cutmix else 0)) / 3
 
     def inference_networks(self) -> list[str]:
         return {"cnn": ["cnn"], "transformer": ["transformer"], "both": ["cnn", "transformer"]}[self.predict]
@@ -107,7 +129,13 @@ class CrossTeaching(SSLMethod):
         check_label_map_target(labeled["target"], self.name)
         n_l = x_l.shape[0]
         use_u = has_unlabeled(unlabeled)
-        x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
+        pseudo = None
+        if use_u and self.cutmix:  # labels of the unmixed images by each network, mixed like the images
+            x_u, pseudo = cutmix_pseudo_batch([cnn, vit], unlabeled["data"], x_l, ctx, self.cutmix_fraction,
+                                              self.clean, self.strong)
+        else:
+            x_u = unlabeled["data"] if use_u else x_l[:0]
+        x = torch.cat([x_l, x_u])
         with ctx.autocast():  # one forward per network (DDP-safe), labelled + unlabelled together
             out_cnn, out_vit = cnn(x), vit(x)
         cnn_l, _ = split_output(out_cnn, n_l)
@@ -118,8 +146,11 @@ class CrossTeaching(SSLMethod):
         loss = loss_sup_cnn + loss_sup_vit
         if use_u:
             m_cnn, m_vit = main_output(out_cnn)[n_l:], main_output(out_vit)[n_l:]
-            l_cnn, l_vit = cross_teaching_terms(m_cnn, m_vit, self.ct_loss,
-                                                lambda y: clean_pseudo_labels(y, ctx, self.clean))
+            if pseudo is None:
+                l_cnn, l_vit = cross_teaching_terms(m_cnn, m_vit, self.ct_loss,
+                                                    lambda y: clean_pseudo_labels(y, ctx, self.clean))
+            else:  # the CNN learns the transformer's labels of the sources, and vice versa
+                l_cnn, l_vit = self.ct_loss(m_cnn, pseudo[1]), self.ct_loss(m_vit, pseudo[0])
             loss_ct = l_cnn + l_vit
             loss = loss + weight * loss_ct
             ctx.log("loss_ct", loss_ct)

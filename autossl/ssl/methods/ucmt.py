@@ -55,9 +55,8 @@ from autossl.components.ema import ema_update, warmup_decay
 from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.components.ema import ema_update, warmup_decay
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled,
-                                         ramp_weight, rampup_option, split_output)
+                                         pseudo_label_loss, ramp_weight, rampup_option, split_output, warm_default)
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
@@ -110,23 +109,31 @@ class UCMT(SSLMethod):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.weight = self.option("weight", 0.1)
+        # after the supervised warm start (the default) 0.75: each student's two pseudo-label terms
+        # then weigh 1.5 together, CPS's weight; from scratch the code's 0.1
+        self.weight = warm_default(self, "weight", cold=0.1, warm=0.75)
+        # the students' loss against hard pseudo-labels: CE + the foreground Dice over the batch
+        # (CPS's); the code's per-sample Dice with the background (``dice``) made the students
+        # over-segment at weight 1 (A2D-3: 2.6 times the right ventricle's volume)
+        self.unsup_loss = check_choice(self.name, "unsup_loss", self.option("unsup_loss", "dice_ce"), ("dice_ce", "dice"))
         self.rampup = rampup_option(self, cold=0.2)
         self.ema_decay = self.option("ema_decay", 0.99)
         self.teacher_mix = self.option("teacher_mix", 0.99)
         self.grid = self.option("grid", 0)
         self.topk = self.option("topk", 0)
         self.use_umix = self.option("umix", True)
-        self.views = check_choice(self.name, "views", self.option("views", "blur"), ("blur", "strong", "none"))
+        # the students' views: the strong intensity augmentation by default (the teacher labels the
+        # plain batch: FixMatch's weak -> strong); ``blur`` is the 3D code's Gaussian blur
+        self.views = check_choice(self.name, "views", self.option("views", "strong"), ("blur", "strong", "none"))
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         self.clean = clean_option(self)
         ranges_ok = 0 <= self.ema_decay <= 1 and 0 <= self.teacher_mix <= 1
-        if not ranges_ok or min(self.grid, self.topk, self.weight) < 0:
-            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk, weight >= 0; "
+        if not ranges_ok or min(self.grid, self.topk) < 0:
+            raise ValueError(f"--ssl ucmt: need 0 <= ema_decay, teacher_mix <= 1 and grid, topk >= 0; "
                              f"got ema_decay={self.ema_decay}, teacher_mix={self.teacher_mix}, "
-                             f"grid={self.grid}, topk={self.topk}, weight={self.weight}")
+                             f"grid={self.grid}, topk={self.topk}")
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
@@ -182,10 +189,15 @@ class UCMT(SSLMethod):
         m1, m2 = main_output(out1)[n_l:], main_output(out2)[n_l:]
         y1 = clean_pseudo_labels(m1.detach().argmax(1, keepdim=True), ctx, self.clean)
         y2 = clean_pseudo_labels(m2.detach().argmax(1, keepdim=True), ctx, self.clean)
-        loss_x = ucmt_dice(m1, y2) + ucmt_dice(m2, y1)
-        loss_u = ucmt_dice(m1, pseudo_t) + ucmt_dice(m2, pseudo_t)
+        loss_x = self.pseudo_loss(m1, y2) + self.pseudo_loss(m2, y1)
+        loss_u = self.pseudo_loss(m1, pseudo_t) + self.pseudo_loss(m2, pseudo_t)
         agreement = (y1 == y2).float().mean()
         return loss_sup, loss_x, loss_u, agreement
+
+    def pseudo_loss(self, logits: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        if self.unsup_loss == "dice":
+            return ucmt_dice(logits, pseudo)
+        return pseudo_label_loss(logits, pseudo, dice=True)
 
     # ----------------------------------------------------------------- training
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
@@ -203,7 +215,7 @@ class UCMT(SSLMethod):
         with torch.no_grad(), ctx.autocast():
             p_t = torch.softmax(main_output(teacher(x)).float(), 1)
         pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
-        weight = self.weight * ramp_weight(1.0, self.rampup, ctx)
+        weight = ramp_weight(self.weight, self.rampup, ctx)
         loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx)
         ctx.log("loss_sup", loss_sup)
         ctx.log("ramp_weight", weight)
