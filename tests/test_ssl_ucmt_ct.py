@@ -313,6 +313,39 @@ def test_ucmt_pseudo_label_loss_and_weight_defaults():
         create_method("ucmt", weight="-1")
 
 
+def test_ucmt_cutmix_teacher_labels_the_unmixed_sources():
+    """With CutMix (the default) the students see mixed images and learn the teacher's labels of
+    the two unmixed sources, mixed under the same box: not the teacher's labels of the mix."""
+    from autossl.components.augmentation.strong import cutmix
+    from autossl.ssl.methods._shared import cutmix_partners, pseudo_label_loss
+    torch.manual_seed(0)
+    s1, s2, teacher = TinyDS(1), TinyDS(2), TinyDS(3)
+    lab, unl = _batch(n=3)
+    zero = lambda o, t: o[0].sum() * 0.0  # noqa: E731  (isolates the pseudo-label terms)
+    method = create_method("ucmt", rampup="0", views="none", umix="false", cutmix_min=0.4, cutmix_max=0.4,
+                           clean="false", weight="1")
+    assert create_method("ucmt").cutmix and not create_method("ucmt", cutmix="false").cutmix
+    ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=5)
+    ctx.supervised_loss = zero
+    (loss,) = method.training_step(lab, unl, ctx)
+    ctx2 = _ctx({}, step=5)
+    with torch.no_grad():
+        pool, partner, box = cutmix_partners(unl["data"], lab["data"], ctx2, (0.4, 0.4))
+        assert 0 < box.mean() < 1 and partner.tolist() == [1, 2, 0]
+        x_u = cutmix(pool, pool[partner], box)
+        p_src = torch.softmax(teacher(pool)[0], 1)
+        y_t = cutmix(p_src, p_src[partner], box).argmax(1, keepdim=True)
+        y_of_mix = torch.softmax(teacher(x_u)[0], 1).argmax(1, keepdim=True)
+        assert not torch.equal(y_t, y_of_mix)
+        m1, m2 = s1(x_u)[0], s2(x_u)[0]
+        y1, y2 = m1.argmax(1, keepdim=True), m2.argmax(1, keepdim=True)
+        cross = pseudo_label_loss(m1, y2, dice=True) + pseudo_label_loss(m2, y1, dice=True)
+        expected = cross + pseudo_label_loss(m1, y_t, dice=True) + pseudo_label_loss(m2, y_t, dice=True)
+        wrong = cross + pseudo_label_loss(m1, y_of_mix, dice=True) + pseudo_label_loss(m2, y_of_mix, dice=True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - wrong.item()) > 1e-3
+
+
 def test_ucmt_student_views():
     x = torch.randn(4, 1, 8, 10, 6)
     ctx = _ctx({}, step=0)

@@ -156,21 +156,31 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, dice: bool = F
     return loss
 
 
+def cutmix_partners(x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext, fraction: tuple[float, float]):
+    """CutMix pairing of an unlabelled batch: every image is mixed under a random box with the
+    next one (a single unlabelled image with the first labelled one). Returns (pool of source
+    images, partner index into the pool, box mask (Bu, 1, *spatial)); ``cutmix(t[:Bu],
+    t[partner], mask)`` mixes anything computed on the pool (images, labels, probabilities)."""
+    pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
+    n_u = x_u.shape[0]
+    mask = box_mask(n_u, x_u.shape[2:], fraction, cpu_generator(ctx), x_u.device)
+    partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
+    return pool, partner, mask
+
+
 def cutmix_pseudo_batch(networks, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext,
                         fraction: tuple[float, float], clean: bool = True, strong: bool = False):
     """CutMix of the unlabelled images and of each network's hard pseudo-labels of them (CPS's
-    CutMix variant): every image is mixed under a random box with the next one (a single
-    unlabelled image with the first labelled one); the pseudo-labels come from each network's
+    CutMix variant, pairs from ``cutmix_partners``): the pseudo-labels come from each network's
     prediction of the unmixed sources (no gradient; cleaned with ``clean``) and are mixed under
-    the same box. With ``strong`` the mixed images then get ``ctx.strong_augment`` (the labels
-    stay those of the unaugmented sources). Returns (mixed images, [pseudo-labels per network])."""
-    pool = x_u if x_u.shape[0] >= 2 else torch.cat([x_u, x_l[:1]])
+    the same box as the images. With ``strong`` the mixed images then get ``ctx.strong_augment``
+    (the labels stay those of the unaugmented sources). Returns (mixed images, [pseudo-labels
+    per network])."""
     n_u = x_u.shape[0]
+    pool, partner, mask = cutmix_partners(x_u, x_l, ctx, fraction)
     with torch.no_grad(), ctx.autocast():
         labels = [clean_pseudo_labels(main_output(net(pool)).detach().argmax(1, keepdim=True), ctx, clean)
                   for net in networks]
-    mask = box_mask(n_u, x_u.shape[2:], fraction, cpu_generator(ctx), x_u.device)
-    partner = (torch.arange(n_u, device=x_u.device) + 1) % pool.shape[0]
     mixed = cutmix(pool[:n_u], pool[partner], mask)
     if strong:
         mixed = ctx.strong_augment(mixed)
