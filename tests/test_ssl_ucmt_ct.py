@@ -74,7 +74,7 @@ def test_cross_teaching_step_matches_formula_and_options():
     torch.manual_seed(0)
     cnn, vit = TinyDS(0), nn.Conv2d(1, 3, 3, padding=1)
     lab, unl = _batch()
-    method = create_method("cross_teaching", rampup="0.5", ct_loss="dice", cutmix="false")  # SSL4MIS's terms
+    method = create_method("cross_teaching", rampup="0.5")  # SSL4MIS's terms
     assert isinstance(method, CrossTeaching)
     assert [s.arch for s in method.network_specs()] == ["cnn", "transformer"]
     ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)  # end of the ramp: λ = 0.2
@@ -103,14 +103,14 @@ def test_cross_teaching_step_matches_formula_and_options():
             next(create_method(name).training_step(regions, unl, _ctx(nets)))
 
 
-def test_cross_teaching_defaults_learn_the_other_networks_labels_of_strong_cutmix_views():
+def test_cross_teaching_cutmix_learns_the_other_networks_labels_of_strong_cutmix_views():
     from autossl.ssl.methods._shared import cutmix_pseudo_batch, pseudo_label_loss
     torch.manual_seed(0)
     cnn, vit = TinyDS(0), nn.Conv2d(1, 3, 3, padding=1)
     lab, unl = _batch()
-    method = create_method("cross_teaching", rampup="0")
-    assert method.cutmix and method.strong and method.ct_loss_name == "dice_ce"
-    assert method.lambda_max == (0.2, 1.0)  # (from scratch, after a warm start)
+    assert not create_method("cross_teaching").cutmix and create_method("cross_teaching").ct_loss_name == "dice"
+    method = create_method("cross_teaching", rampup="0", cutmix="true", ct_loss="dice_ce", **{"lambda": "1"})
+    assert method.cutmix and method.strong and method.lambda_max == 1.0
     shift = lambda t: t * 0.5 + 1.0  # noqa: E731  (intensity-only)
     ctx = _ctx({"cnn": cnn, "transformer": vit}, total_steps=10, step=5)
     ctx.strong_augment, ctx.warm_started = shift, True

@@ -9,18 +9,19 @@ A CNN ("cnn": the plans' ``architecture``) and a transformer ("transformer": the
 supervision for the CNN), w_s = 1, exactly the supervised trainer's loss. SSL4MIS uses
 0.5·(CE + Dice) with λ_max = 0.1 and L_ct = Dice with the background.
 
-Defaults, after the supervised warm start (documentation/ssl_methods.md gives the figures):
-L_ct = CE + the foreground Dice over the batch (``ct_loss=dice_ce``), λ_max = 1.0 with a short
-ramp, and the unlabelled images are CPS-CutMix's views: mixed under a random box, then strongly
-intensity-augmented, each network's pseudo-labels taken from the unmixed, unaugmented images and
-mixed the same way. From scratch λ_max = 0.2 (SSL4MIS's ratio of pseudo-label to label terms),
-ramped over the run: λ(t) = λ_max·exp(-5(1 - t/T)²), T = ``rampup`` × the run's steps.
+L_ct is Dice over the unlabelled batch, background included (SSL4MIS), on the highest-resolution
+output; λ_max = 0.2 (SSL4MIS's ratio of pseudo-label to label terms), ramped:
+λ(t) = λ_max·exp(-5(1 - t/T)²), T = ``rampup`` × the semi-supervised phase. Optional (off by
+default; measured worse on A2D-3, documentation/ssl_methods.md): CPS-CutMix's views
+(``cutmix``: the unlabelled images mixed under a random box, then strongly augmented, each
+network's pseudo-labels taken from the unmixed, unaugmented images) and ``ct_loss=dice_ce``
+(CE + the foreground Dice over the batch).
 No term forces the two networks to agree.
 
-Options (``--ssl-opt key=value``): lambda (1.0 warm, 0.2 from scratch), rampup, ct_loss
-(dice_ce|dice|ce; dice is SSL4MIS's, background included), cutmix (true), cutmix_min / cutmix_max
-(0.25 / 0.5), strong (true), sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5
-lambda=0.1 ct_loss=dice cutmix=false), clean (true: pseudo-labels cleaned to the largest
+Options (``--ssl-opt key=value``): lambda (0.2), rampup, ct_loss (dice|ce|dice_ce; dice is
+SSL4MIS's, background included), cutmix (false), cutmix_min / cutmix_max (0.25 / 0.5), strong
+(true with cutmix), sup_weight (1.0; SSL4MIS's exact numbers are sup_weight=0.5
+lambda=0.1), clean (true: pseudo-labels cleaned to the largest
 component of single-structure classes), predict (cnn|transformer|both; both averages the two
 softmaxes; the default is the ``network`` option, i.e. the CNN unless ``autossl_train --network
 transformer``).
@@ -35,8 +36,7 @@ from autossl.components.losses import ce_loss, soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_pseudo_batch,
-                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option, split_output,
-                                         warm_default)
+                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option, split_output)
 from autossl.ssl.registry import register
 
 CT_LOSSES = ("dice", "ce", "dice_ce")
@@ -87,20 +87,21 @@ class CrossTeaching(SSLMethod):
 
     def __init__(self, **options):
         super().__init__(**options)
-        # from scratch SSL4MIS's weak cross terms (0.2 against our unhalved L_s); after the
-        # supervised warm start (the default) both networks predict usable labels at once, and
-        # 0.2 leaves the unlabelled images too little say in a 1000-iteration run
-        self.lambda_max = warm_default(self, "lambda", cold=0.2, warm=1.0)
+        # SSL4MIS's weak cross terms (0.2 against our unhalved L_s), Dice with the background, no
+        # mixing. CPS-CutMix's recipe (cutmix=true ct_loss=dice_ce lambda=1) lost 5.6 points on
+        # A2D-3: the from-scratch transformer's pool pseudo-labels (28 Dice) are far worse than
+        # the CNN's (37), and stronger cross terms teach the CNN the transformer's errors
+        # (documentation/ssl_methods.md)
+        self.lambda_max = self.option("lambda", 0.2)
+        if self.lambda_max < 0:
+            raise ValueError(f"--ssl cross_teaching: lambda must be >= 0, got {self.lambda_max}")
         self.rampup = rampup_option(self, cold=1.0)
         self.sup_weight = self.option("sup_weight", 1.0)
-        # CE + foreground Dice (the supervised loss's terms; SSL4MIS: Dice with the background,
-        # which lets the background's large overlap hide a missed structure)
-        self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice_ce"), CT_LOSSES)
+        self.ct_loss_name = check_choice(self.name, "ct_loss", self.option("ct_loss", "dice"), CT_LOSSES)
         self.ct_loss = ct_loss_fn(self.ct_loss_name)
-        # each network learns from the other's labels of CutMix views with the strong intensity
-        # augmentation, labelled from the unmixed, unaugmented images (CPS-CutMix's views): the
-        # architectures' difference alone left the two networks agreeing on their mistakes
-        self.cutmix = self.option("cutmix", True)
+        # optional: CPS-CutMix's views (each network learns the other's labels of the unmixed,
+        # unaugmented images on strongly augmented CutMix views)
+        self.cutmix = self.option("cutmix", False)
         self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
         self.strong = self.option("strong", True) and self.cutmix
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
