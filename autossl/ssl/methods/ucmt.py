@@ -8,11 +8,10 @@ optimiser steps (two yielded losses):
 
 1. CMT. Student i sees its own augmented view v_i of the labelled + unlabelled batch, the
    teacher the plain batch. L = L_s(s1) + L_s(s2) + w·λ(t)·(L_x + L_u),
-   L_x = Dice(p_s1(u), ŷ_s2(u)) + Dice(p_s2(u), ŷ_s1(u)),
-   L_u = Dice(p_s1(u), ŷ_t(u)) + Dice(p_s2(u), ŷ_t(u)), w = 0.1, ŷ hard argmax (detached).
+   L_x = L_p(p_s1(u), ŷ_s2(u)) + L_p(p_s2(u), ŷ_s1(u)),
+   L_u = L_p(p_s1(u), ŷ_t(u)) + L_p(p_s2(u), ŷ_t(u)), ŷ hard argmax (detached).
    The code averages the two students' terms (½ everywhere); each student has its own optimiser,
-   so the sum gives every student exactly the code's balance of terms and, under SGD, the
-   supervised trainer's gradient scale (the code's AdamW does not see a constant factor).
+   so the sum gives every student exactly the code's balance of terms.
 2. UMIX. Uncertainty map of student i = entropy of mean(p_si, p_t) (step-1 predictions).
    ``autossl.ssl.umix.umix`` swaps the k most uncertain blocks of student 1's map with the k
    most certain of student 2's (and vice versa) within each image of student 1's view; the
@@ -21,27 +20,34 @@ optimiser steps (two yielded losses):
    terms (pseudo-labels of L_x recomputed on the mixed images, L_u against the mixed teacher
    pseudo-label).
 
-Choices (documented in documentation/ssl_methods.md):
-* L_s is the backbone's Dice + CE with deep supervision (the UCMT code uses Dice); the
-  unsupervised Dice is per sample, background included (the code's DSCLoss).
-* Views: ``views=blur`` (default) = two independent draws of the code's 3D augmentation
-  (Gaussian blur, p 0.8, σ ~ U(0.1, 2) voxels); ``views=strong`` = two draws of the trainer's
-  strong intensity augmentation (ctx.strong_augment); ``views=none`` = both students see the
-  batch as the loader augmented it (they differ by their initialisation only).
+Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
+* L_p = CE + the foreground Dice over the batch (``unsup_loss=dice_ce``, CPS's), w = 0.75 after
+  a supervised warm start (0.1, the code's, from scratch); ``unsup_loss=dice`` is the code's
+  DSCLoss (Dice per sample, background included). L_s is the backbone's Dice + CE with deep
+  supervision (the UCMT code uses Dice).
+* Views: ``views=strong`` (default) = two draws of the trainer's strong intensity augmentation
+  (ctx.strong_augment); ``views=blur`` = two independent draws of the code's 3D augmentation
+  (Gaussian blur, p 0.8, σ ~ U(0.1, 2) voxels); ``views=none`` = both students see the batch as
+  the loader augmented it (they differ by their initialisation only).
+* ``cutmix`` (default): the unlabelled images are CutMix views, each mixed under a random box
+  with the next; the teacher predicts the unmixed sources and its probabilities are mixed under
+  the same box (the pseudo-labels and UMIX's uncertainty use them).
 * Deep supervision for mixed labelled samples: the mixed full-resolution label is downsampled
   to every output scale the way the loader downsamples its targets (``nearest-exact``).
 * Grid: 4 blocks per axis (16 in 2D, 64 in 3D) and k = an eighth of the blocks (2 in 2D, 8 in
   3D), so that UMIX moves a quarter of the patch (2k of the blocks). The 3D code's 8 blocks per
   axis with k = 2 move 4 of 512 blocks, under 1 % of the voxels: its second optimiser step is
   then nearly a repeat of the first.
-* λ: sigmoid ramp over ``rampup`` = 0.2 of the run (the 2D code: 5 of 25 epochs).
+* λ: sigmoid ramp over ``rampup`` of the semi-supervised phase (0.2 from scratch, the 2D code's
+  5 of 25 epochs; a tenth after a warm start).
 
-Options: weight (0.1), rampup (0.2), ema_decay (0.99), teacher_mix (0.99, student 1's share of the
-EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
-views (blur|strong|none), predict (teacher|students), network (cnn|transformer: the students' and
-teacher's architecture; ``autossl_train --network transformer`` sets it), clean (true: the
-teacher's and the students' hard pseudo-labels keep only the largest component of each class the
-labelled cases show to be one structure).
+Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher_mix (0.99, student
+1's share of the EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
+views (strong|blur|none), cutmix (true), cutmix_min / cutmix_max (0.25 / 0.5), predict
+(teacher|students), network (cnn|transformer: the students' and teacher's architecture;
+``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
+hard pseudo-labels keep only the largest component of each class the labelled cases show to be
+one structure).
 """
 from __future__ import annotations
 
