@@ -88,7 +88,7 @@ class CrossTeaching(SSLMethod):
     def __init__(self, **options):
         super().__init__(**options)
         # SSL4MIS's weak cross terms (0.2 against our unhalved L_s), Dice with the background, no
-        # mixing. CPS-CutMix's recipe (cutmix=true ct_loss=dice_ce lambda=1) lost 5.6 points on
+        # mixing. CPS-CutMix's recipe (cutmix=true ct_loss=dice_ce lambda=1) lost 5.5 points on
         # A2D-3: the from-scratch transformer's pool pseudo-labels (28 Dice) are far worse than
         # the CNN's (37), and stronger cross terms teach the CNN the transformer's errors
         # (documentation/ssl_methods.md)
