@@ -243,6 +243,9 @@ def test_pseudo_label_loss_dice_term_weighs_a_missed_small_structure():
     assert dice > 0.9 > 20 * ce / 100                                # the Dice term, not CE, sees the miss
     # the method's default: CE + Dice; the paper's CE on request
     assert create_method("cps").dice and not create_method("cps", dice="false").dice
+    for name in ("cps_cutmix", "fixmatch", "ucmt", "cross_teaching"):  # one check of the CutMix box's share
+        with pytest.raises(ValueError, match=f"--ssl {name}: need 0 < cutmix_min <= cutmix_max <= 1"):
+            create_method(name, cutmix_min="0.6", cutmix_max="0.5")
 
 
 def test_cps_cutmix_strong_view_trains_the_mix_against_unaugmented_pseudo_labels():

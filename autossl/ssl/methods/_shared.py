@@ -156,6 +156,15 @@ def pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, dice: bool = F
     return loss
 
 
+def cutmix_fraction_option(method) -> tuple[float, float]:
+    """The ``cutmix_min`` / ``cutmix_max`` options (0.25 / 0.5): the share of the patch a CutMix
+    box covers, checked to satisfy 0 < min <= max <= 1."""
+    fraction = (method.option("cutmix_min", 0.25), method.option("cutmix_max", 0.5))
+    if not 0 < fraction[0] <= fraction[1] <= 1:
+        raise ValueError(f"--ssl {method.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {fraction}")
+    return fraction
+
+
 def cutmix_partners(x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext, fraction: tuple[float, float]):
     """CutMix pairing of an unlabelled batch: every image is mixed under a random box with the
     next one (a single unlabelled image with the first labelled one). Returns (pool of source

@@ -20,9 +20,9 @@ import torch
 from autossl.components.augmentation.strong import cutmix  # noqa: F401  (BCP and the tests import it from here)
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_pseudo_batch,
-                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option,
-                                         require_label_maps, split_output, warm_default)
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_fraction_option,
+                                         cutmix_pseudo_batch, has_unlabeled, pseudo_label_loss, ramp_weight,
+                                         rampup_option, require_label_maps, split_output, warm_default)
 from autossl.ssl.registry import register
 
 
@@ -64,9 +64,7 @@ class CPS(SSLMethod):
         self.lambda_max = warm_default(self, "lambda", cold=0.1, warm=1.5)
         self.rampup = rampup_option(self, cold=1.0)
         self.cutmix = self.option("cutmix", self.default_cutmix)
-        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
-        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
-            raise ValueError(f"--ssl {self.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        self.cutmix_fraction = cutmix_fraction_option(self)
         self.inference = check_choice(self.name, "inference", self.option("inference", "both"), ("both", "cnn1", "cnn2"))
         self.clean = clean_option(self)
         # the loss of each network against the other's pseudo-labels: CE alone (the paper's) is

@@ -35,8 +35,9 @@ import torch
 from autossl.components.losses import ce_loss, soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
-from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_pseudo_batch,
-                                         has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option, split_output)
+from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cutmix_fraction_option,
+                                         cutmix_pseudo_batch, has_unlabeled, pseudo_label_loss, ramp_weight,
+                                         rampup_option, split_output)
 from autossl.ssl.registry import register
 
 CT_LOSSES = ("dice", "ce", "dice_ce")
@@ -102,14 +103,12 @@ class CrossTeaching(SSLMethod):
         # optional: CPS-CutMix's views (each network learns the other's labels of the unmixed,
         # unaugmented images on strongly augmented CutMix views)
         self.cutmix = self.option("cutmix", False)
-        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
+        self.cutmix_fraction = cutmix_fraction_option(self)
         self.strong = self.option("strong", True) and self.cutmix
         main = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
         predict = self.option("predict", self.option("inference", main))
         self.predict = check_choice(self.name, "predict", predict, ("cnn", "transformer", "both"))
         self.clean = clean_option(self)
-        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
-            raise ValueError(f"--ssl cross_teaching: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
         if self.sup_weight <= 0:
             raise ValueError(f"--ssl cross_teaching: need sup_weight > 0; got {self.sup_weight}")
 

@@ -20,8 +20,9 @@ from autossl.components.augmentation.strong import box_mask, cutmix, cutout
 from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
-from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, has_unlabeled, ramp_weight,
-                                         rampup_option, require_label_maps, split_output, supervised_loss_only)
+from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, cutmix_fraction_option,
+                                         has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output,
+                                         supervised_loss_only)
 from autossl.ssl.registry import register
 
 
@@ -61,9 +62,7 @@ class FixMatch(SSLMethod):
         # CutMix between strong views (UniMatch's) rather than CutOut: a mixed view keeps every
         # voxel trained, and its pseudo-label is the same mix of the two weak views' labels
         self.cutmix = self.option("cutmix", self.default_cutmix)
-        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
-        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
-            raise ValueError(f"--ssl {self.name}: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        self.cutmix_fraction = cutmix_fraction_option(self)
         self.cutout = self.option("cutout", not self.cutmix)
         self.cutout_fraction = (self.option("cutout_min", 0.05), self.option("cutout_max", 0.25))
         # CE over all voxels is nearly all background (pl_share 0.9 on A2D-3, most of it

@@ -62,7 +62,8 @@ from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator,
-                                         cutmix_partners, has_unlabeled, pseudo_label_loss, ramp_weight, rampup_option, split_output, warm_default)
+                                         cutmix_fraction_option, cutmix_partners, has_unlabeled, pseudo_label_loss,
+                                         ramp_weight, rampup_option, split_output, warm_default)
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
 from autossl.ssl.umix import umix
@@ -136,9 +137,7 @@ class UCMT(SSLMethod):
         # same way. Without it (A2D-3 seed 0) UCMT's own perturbations, strong views and UMIX,
         # left it level with supervised (+0.9) while CPS-CutMix gained 15 points
         self.cutmix = self.option("cutmix", True)
-        self.cutmix_fraction = (self.option("cutmix_min", 0.25), self.option("cutmix_max", 0.5))
-        if not 0 < self.cutmix_fraction[0] <= self.cutmix_fraction[1] <= 1:
-            raise ValueError(f"--ssl ucmt: need 0 < cutmix_min <= cutmix_max <= 1, got {self.cutmix_fraction}")
+        self.cutmix_fraction = cutmix_fraction_option(self)
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
