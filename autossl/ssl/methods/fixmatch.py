@@ -16,12 +16,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from autossl.components.augmentation.strong import box_mask, cutmix, cutout
+from autossl.components.augmentation.strong import cutmix, cutout
 from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, cutmix_fraction_option,
-                                         has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output,
+                                         cutmix_partners, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output,
                                          supervised_loss_only)
 from autossl.ssl.registry import register
 
@@ -93,8 +93,7 @@ class FixMatch(SSLMethod):
         pseudo-labels and the confidence mask are mixed the same way."""
         if not self.cutmix or strong.shape[0] < 2:
             return strong, labels, mask
-        box = box_mask(strong.shape[0], strong.shape[2:], self.cutmix_fraction, cpu_generator(ctx), strong.device)
-        partner = (torch.arange(strong.shape[0], device=strong.device) + 1) % strong.shape[0]
+        _, partner, box = cutmix_partners(strong, strong, ctx, self.cutmix_fraction)
         return tuple(cutmix(t, t[partner], box) for t in (strong, labels, mask))
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
