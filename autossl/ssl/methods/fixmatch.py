@@ -21,8 +21,8 @@ from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import (clean_option, clean_pseudo_labels, cpu_generator, cutmix_fraction_option,
-                                         cutmix_partners, has_unlabeled, ramp_weight, rampup_option, require_label_maps, split_output,
-                                         supervised_loss_only)
+                                         cutmix_partners, has_unlabeled, ramp_weight, rampup_option,
+                                         require_label_maps, split_output, supervised_loss_only)
 from autossl.ssl.registry import register
 
 
