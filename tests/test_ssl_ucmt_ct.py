@@ -278,8 +278,9 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     method.after_optimizer_step(ctx)
     assert not torch.allclose(teacher.head.weight, t_before)  # EMA moved the teacher
     loss2 = next(gen)
-    assert len(seen) == 2
-    assert torch.equal(seen[1], s1.head.weight.detach()) and not torch.allclose(seen[0], seen[1])
+    assert len(seen) == 3  # the unmixed sources (its cross labels), its view, the UMIX batch
+    assert torch.equal(seen[0], seen[1])
+    assert torch.equal(seen[2], s1.head.weight.detach()) and not torch.allclose(seen[1], seen[2])
     opt.zero_grad()
     loss2.backward()
     assert s1.head.weight.grad is not None and s1.head.weight.grad.abs().sum() > 0
@@ -323,7 +324,7 @@ def test_ucmt_cutmix_teacher_labels_the_unmixed_sources():
     lab, unl = _batch(n=3)
     zero = lambda o, t: o[0].sum() * 0.0  # noqa: E731  (isolates the pseudo-label terms)
     method = create_method("ucmt", rampup="0", views="none", umix="false", cutmix_min=0.4, cutmix_max=0.4,
-                           clean="false", weight="1")
+                           clean="false", weight="1", cross_labels="views")
     assert create_method("ucmt").cutmix and not create_method("ucmt", cutmix="false").cutmix
     ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=5)
     ctx.supervised_loss = zero
@@ -344,6 +345,60 @@ def test_ucmt_cutmix_teacher_labels_the_unmixed_sources():
         wrong = cross + pseudo_label_loss(m1, y_of_mix, dice=True) + pseudo_label_loss(m2, y_of_mix, dice=True)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - wrong.item()) > 1e-3
+
+
+def test_ucmt_cross_labels_come_from_the_unmixed_sources():
+    """cross_labels=sources (the default with CutMix): each student learns the other's labels of
+    the unaugmented, unmixed sources, mixed under the same box, not the other's argmax of the mix;
+    in the UMIX step those labels move with the blocks."""
+    from autossl.components.augmentation.strong import cutmix
+    from autossl.ssl.methods._shared import cutmix_partners, pseudo_label_loss
+    from autossl.ssl.umix import umix
+    torch.manual_seed(0)
+    s1, s2, teacher = TinyDS(1), TinyDS(2), TinyDS(3)
+    lab, unl = _batch(n=3)
+    zero = lambda o, t: o[0].sum() * 0.0  # noqa: E731  (isolates the pseudo-label terms)
+    method = create_method("ucmt", rampup="0", views="none", cutmix_min=0.4, cutmix_max=0.4,
+                           clean="false", weight="1", grid="2", topk="1")
+    assert method.cross_labels == "sources" and create_method("ucmt", cutmix="false").cross_labels == "views"
+    with pytest.raises(ValueError, match="cross_labels=sources needs cutmix"):
+        create_method("ucmt", cutmix="false", cross_labels="sources")
+    ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=5)
+    ctx.supervised_loss = zero
+    step = method.training_step(lab, unl, ctx)
+    loss1 = next(step)
+    with torch.no_grad():  # the step's first loss, recomputed by hand before any weight changes
+        pool, partner, box = cutmix_partners(unl["data"], lab["data"], _ctx({}, step=5), (0.4, 0.4))
+        x_u = cutmix(pool, pool[partner], box)
+        p_src = torch.softmax(teacher(pool)[0], 1)
+        y_t = cutmix(p_src, p_src[partner], box).argmax(1, keepdim=True)
+        src1, src2 = (cutmix(y, y[partner], box) for y in (s1(pool)[0].argmax(1, keepdim=True),
+                                                             s2(pool)[0].argmax(1, keepdim=True)))
+        m1, m2 = s1(x_u)[0], s2(x_u)[0]
+        assert not torch.equal(src2, m2.argmax(1, keepdim=True))
+        teach = pseudo_label_loss(m1, y_t, dice=True) + pseudo_label_loss(m2, y_t, dice=True)
+        expected = pseudo_label_loss(m1, src2, dice=True) + pseudo_label_loss(m2, src1, dice=True) + teach
+        own_view = (pseudo_label_loss(m1, m2.argmax(1, keepdim=True), dice=True)
+                    + pseudo_label_loss(m2, m1.argmax(1, keepdim=True), dice=True) + teach)
+        # the UMIX step's labels: the same blocks moved in the cross labels as in the teacher's
+        x = torch.cat([lab["data"], x_u])
+        p_t = torch.cat([torch.softmax(teacher(lab["data"])[0], 1), cutmix(p_src, p_src[partner], box)])
+        unc1 = mean_entropy_uncertainty(torch.softmax(s1(x)[0], 1), p_t)
+        unc2 = mean_entropy_uncertainty(torch.softmax(s2(x)[0], 1), p_t)
+        full = lab["target"][0].long()
+        mixed_x, (mt, mc1, mc2) = umix(x, [torch.cat([full, y_t]), torch.cat([full, src1]), torch.cat([full, src2])],
+                                       unc1, unc2, 2, 1)
+    assert loss1.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - own_view.item()) > 1e-3
+    for net in (s1, s2):  # the second step sees the same weights here: no optimiser in this test
+        net.zero_grad()
+    loss2 = next(step)
+    with torch.no_grad():
+        q1, q2 = s1(mixed_x)[0][3:], s2(mixed_x)[0][3:]
+        y_t2 = mt[3:]
+        expected2 = (pseudo_label_loss(q1, mc2[3:], dice=True) + pseudo_label_loss(q2, mc1[3:], dice=True)
+                     + pseudo_label_loss(q1, y_t2, dice=True) + pseudo_label_loss(q2, y_t2, dice=True))
+    assert loss2.item() == pytest.approx(expected2.item(), rel=1e-5)
 
 
 def test_ucmt_student_views():

@@ -324,8 +324,10 @@ def test_encoder_dropout_rates_follow_ssl4mis():
 def test_relative_costs():
     r = 1.0
     assert create_method("none").relative_cost(r) == pytest.approx(1.0)
-    assert create_method("ucmt").relative_cost(r) == pytest.approx(26 / 3)  # the issue's ~8.7x
-    assert create_method("ucmt", umix="false").relative_cost(r) == pytest.approx(14 / 3)
+    # the issue's ~8.7x, plus both students' forward over the unmixed sources (their cross labels)
+    assert create_method("ucmt", cross_labels="views").relative_cost(r) == pytest.approx(26 / 3)
+    assert create_method("ucmt").relative_cost(r) == pytest.approx(28 / 3)
+    assert create_method("ucmt", umix="false", cross_labels="views").relative_cost(r) == pytest.approx(14 / 3)
     assert create_method("cross_teaching").relative_cost(r) == pytest.approx(4.0)
     assert create_method("cross_teaching", cutmix="true").relative_cost(r) == pytest.approx(14 / 3)  # + both nets over the sources
     assert create_method("cps_cutmix").relative_cost(r) == pytest.approx(14 / 3)

@@ -32,6 +32,11 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 * ``cutmix`` (default): the unlabelled images are CutMix views, each mixed under a random box
   with the next; the teacher predicts the unmixed sources and its probabilities are mixed under
   the same box (the pseudo-labels and UMIX's uncertainty use them).
+* ``cross_labels=sources`` (default with CutMix): the pseudo-label each student gives the other
+  (L_x) is its prediction of the unaugmented, unmixed sources, mixed under the same box
+  (CPS-CutMix's labels); UMIX moves them with the images. ``views`` is the code's: each
+  student's argmax of its own (strongly augmented, mixed) view, which on A2D-3 taught the other
+  student its augmentation errors.
 * Deep supervision for mixed labelled samples: the mixed full-resolution label is downsampled
   to every output scale the way the loader downsamples its targets (``nearest-exact``).
 * Grid: 4 blocks per axis (16 in 2D, 64 in 3D) and k = an eighth of the blocks (2 in 2D, 8 in
@@ -43,7 +48,7 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 
 Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher_mix (0.99, student
 1's share of the EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
-views (strong|blur|none), cutmix (true), cutmix_min / cutmix_max (0.25 / 0.5), predict
+views (strong|blur|none), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max (0.25 / 0.5), predict
 (teacher|students), network (cnn|transformer: the students' and teacher's architecture;
 ``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
 hard pseudo-labels keep only the largest component of each class the labelled cases show to be
@@ -138,6 +143,12 @@ class UCMT(SSLMethod):
         # left it level with supervised (+0.9) while CPS-CutMix gained 15 points
         self.cutmix = self.option("cutmix", True)
         self.cutmix_fraction = cutmix_fraction_option(self)
+        # the students' labels for each other: their predictions of the unmixed, unaugmented
+        # sources (CPS-CutMix's, the default with CutMix) or of their own views (the code's)
+        cross = self.option("cross_labels", "sources" if self.cutmix else "views")
+        self.cross_labels = check_choice(self.name, "cross_labels", cross, ("sources", "views"))
+        if self.cross_labels == "sources" and not self.cutmix:
+            raise ValueError("--ssl ucmt: cross_labels=sources needs cutmix=true (the views are then the sources)")
         predict = self.option("predict", self.option("inference", "teacher"))
         self.predict = check_choice(self.name, "predict", predict, ("teacher", "students"))
         self.arch = check_choice(self.name, "network", self.option("network", "cnn"), ("cnn", "transformer"))
@@ -153,10 +164,12 @@ class UCMT(SSLMethod):
         return 2 if self.use_umix else 1
 
     def relative_cost(self, r: float) -> float:
-        """CMT: two students forward + backward over B + rB, teacher forward over B + rB; UMIX:
-        two students forward + backward over the mixed B + rB."""
+        """CMT: two students forward + backward over B + rB, teacher forward over B + rB (with
+        ``cross_labels=sources`` both students' forward over the rB unmixed sources too); UMIX: two
+        students forward + backward over the mixed B + rB."""
         n = 1 + r
-        return (2 * 3 * n + n + (2 * 3 * n if self.use_umix else 0)) / 3
+        sources = 2 * r if self.cutmix and self.cross_labels == "sources" else 0  # students' forward, sources
+        return (2 * 3 * n + n + sources + (2 * 3 * n if self.use_umix else 0)) / 3
 
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:
@@ -191,8 +204,11 @@ class UCMT(SSLMethod):
         gen = cpu_generator(ctx)
         return blur_view(x, gen), blur_view(x, gen)
 
-    def _losses(self, out1, out2, target_l, pseudo_t: torch.Tensor | None, n_l: int, ctx: TrainingContext):
-        """(L_sup, L_x, L_u, student agreement) for two students' outputs on a labelled + unlabelled batch."""
+    def _losses(self, out1, out2, target_l, pseudo_t: torch.Tensor | None, n_l: int, ctx: TrainingContext,
+                cross: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(L_sup, L_x, L_u, student agreement) for two students' outputs on a labelled + unlabelled
+        batch. ``cross``: (student 1's, student 2's) pseudo-labels of the unlabelled part; None: each
+        student's argmax of its own output."""
         o1_l, _ = split_output(out1, n_l)
         o2_l, _ = split_output(out2, n_l)
         loss_sup = ctx.supervised_loss(o1_l, target_l) + ctx.supervised_loss(o2_l, target_l)
@@ -200,8 +216,11 @@ class UCMT(SSLMethod):
             zero = loss_sup.new_zeros(())
             return loss_sup, zero, zero, None
         m1, m2 = main_output(out1)[n_l:], main_output(out2)[n_l:]
-        y1 = clean_pseudo_labels(m1.detach().argmax(1, keepdim=True), ctx, self.clean)
-        y2 = clean_pseudo_labels(m2.detach().argmax(1, keepdim=True), ctx, self.clean)
+        if cross is None:
+            y1 = clean_pseudo_labels(m1.detach().argmax(1, keepdim=True), ctx, self.clean)
+            y2 = clean_pseudo_labels(m2.detach().argmax(1, keepdim=True), ctx, self.clean)
+        else:
+            y1, y2 = cross
         loss_x = self.pseudo_loss(m1, y2) + self.pseudo_loss(m2, y1)
         loss_u = self.pseudo_loss(m1, pseudo_t) + self.pseudo_loss(m2, pseudo_t)
         agreement = (y1 == y2).float().mean()
@@ -219,6 +238,7 @@ class UCMT(SSLMethod):
         check_label_map_target(target_l, self.name)
         n_l = x_l.shape[0]
         use_u = has_unlabeled(unlabeled)
+        cross = None
         with torch.no_grad(), ctx.autocast():
             if use_u and self.cutmix:  # the teacher sees the unmixed sources; its probabilities are mixed
                 pool, partner, box = cutmix_partners(unlabeled["data"], x_l, ctx, self.cutmix_fraction)
@@ -227,6 +247,10 @@ class UCMT(SSLMethod):
                 p_pool = torch.softmax(main_output(teacher(torch.cat([x_l, pool]))).float(), 1)
                 p_src = p_pool[n_l:]
                 p_t = torch.cat([p_pool[:n_l], cutmix(p_src[:n_u], p_src[partner], box)])
+                if self.cross_labels == "sources":  # each student's labels of the sources, mixed alike
+                    src = [clean_pseudo_labels(main_output(s(pool)).argmax(1, keepdim=True), ctx, self.clean)
+                           for s in (s1, s2)]
+                    cross = tuple(cutmix(y[:n_u], y[partner], box) for y in src)
             else:
                 x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
                 p_t = torch.softmax(main_output(teacher(x)).float(), 1)
@@ -237,7 +261,7 @@ class UCMT(SSLMethod):
             out1, out2 = s1(v1), s2(v2)
         pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
         weight = ramp_weight(self.weight, self.rampup, ctx)
-        loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx)
+        loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx, cross)
         ctx.log("loss_sup", loss_sup)
         ctx.log("ramp_weight", weight)
         if use_u:
@@ -257,15 +281,20 @@ class UCMT(SSLMethod):
         with torch.no_grad():
             unc1, unc2 = mean_entropy_uncertainty(p1, p_t), mean_entropy_uncertainty(p2, p_t)
             full_target = main_target(target_l).to(torch.long)
+            targets = [full_target]
             if use_u:
-                full_target = torch.cat([full_target, pseudo_t.to(torch.long)])
+                targets = [torch.cat([full_target, pseudo_t.to(torch.long)])]
+                if cross is not None:  # the cross labels move with the blocks too (labelled part unused)
+                    targets += [torch.cat([full_target, y.to(torch.long)]) for y in cross]
             n_sp = x.ndim - 2
-            mixed_x, mixed_t = umix(v1, full_target, unc1, unc2, self.grid_for(n_sp), self.topk_for(n_sp))
+            mixed_x, mixed = umix(v1, targets, unc1, unc2, self.grid_for(n_sp), self.topk_for(n_sp))
         with ctx.autocast():
             q1, q2 = s1(mixed_x), s2(mixed_x)
+        mixed_t = mixed[0]
         mixed_target_l = target_pyramid(mixed_t[:n_l], target_l)
         mixed_pseudo_t = mixed_t[n_l:] if use_u else None
-        loss_sup2, loss_x2, loss_u2, _ = self._losses(q1, q2, mixed_target_l, mixed_pseudo_t, n_l, ctx)
+        mixed_cross = (mixed[1][n_l:], mixed[2][n_l:]) if len(mixed) == 3 else None
+        loss_sup2, loss_x2, loss_u2, _ = self._losses(q1, q2, mixed_target_l, mixed_pseudo_t, n_l, ctx, mixed_cross)
         loss_umix = loss_sup2 + weight * (loss_x2 + loss_u2)
         ctx.log("loss_umix", loss_umix)
         yield loss_umix
