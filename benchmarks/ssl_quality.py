@@ -89,6 +89,9 @@ def main(argv=None) -> None:
                          "dataset with autossl_pretrain --method METHOD, done once and reported beside the rows; "
                          "the rows are tagged pt_METHOD")
     ap.add_argument("--pretrain-steps", type=int, default=1000, help="iterations of that pre-training")
+    ap.add_argument("--pretrain-network", default="cnn", choices=("cnn", "transformer"),
+                    help="the planned network whose encoder --pretrain trains (transformer: e.g. simmim, "
+                         "loaded by the rows' transformer networks only)")
     ap.add_argument("--diagnostics", action="store_true",
                     help="pseudo-label Dice on a subset of the unlabelled pool over the run and at its end")
     ap.add_argument("--diag-cases", type=int, default=10, help="unlabelled cases scored by --diagnostics")
@@ -136,7 +139,8 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             tag = args.tag if method != "none" else ""
             if args.pretrain:
-                tag = "_".join(t for t in (f"pt_{args.pretrain}", tag) if t)
+                pt = f"pt_{args.pretrain}" + ("_transformer" if args.pretrain_network == "transformer" else "")
+                tag = "_".join(t for t in (pt, tag) if t)
             key = (lab, method, seed, tag)
             pred = work / "predictions" / f"{ds}_{method}_s{seed}{'_' + tag if tag else ''}"
             if key in done:
@@ -197,15 +201,16 @@ def main(argv=None) -> None:
 def pretrain_once(ds: str, proto: dict, plans: str, args, env: dict, log: Path) -> tuple[Path, dict]:
     """The dataset's self-supervised pre-training with ``args.pretrain`` (run once, reused by
     every row); returns its results folder and {method, iterations, wall_s}."""
-    folder = Path(env["autossl_results"]) / ds / f"autosslPretrainer_{args.pretrain}__{plans}__{proto['config']}"
+    suffix = "_transformer" if args.pretrain_network == "transformer" else ""
+    folder = Path(env["autossl_results"]) / ds / f"autosslPretrainer_{args.pretrain}{suffix}__{plans}__{proto['config']}"
     info_file = folder / "benchmark_pretraining.json"
     if (folder / "fold_all" / "checkpoint_final.pth").is_file() and info_file.is_file():
         return folder, json.loads(info_file.read_text())
     epochs = max(1, args.pretrain_steps // args.iterations_per_epoch)
     t = run(["autossl_pretrain", ds, proto["config"], "--method", args.pretrain, "-p", plans,
              "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
-             "-device", args.device], env, log)
-    info = {"method": args.pretrain, "iterations": epochs * args.iterations_per_epoch, "wall_s": round(t, 1)}
+             "--network", args.pretrain_network, "-device", args.device], env, log)
+    info = {"method": args.pretrain, "network": args.pretrain_network, "iterations": epochs * args.iterations_per_epoch, "wall_s": round(t, 1)}
     info_file.write_text(json.dumps(info))
     print(f"[{ds}] pre-training {args.pretrain}: {info['iterations']} iterations in {t:.0f} s", flush=True)
     return folder, info
