@@ -261,7 +261,8 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     method = create_method("ucmt", rampup="0", grid="2", topk="1")
     specs = {s.name: s for s in method.network_specs()}
     assert specs["teacher"].trainable is False and specs["teacher"].copy_of == "student1"
-    assert specs["student2"].seed_offset == 1 and method.inference_networks() == ["teacher"]
+    assert specs["student2"].seed_offset == 1 and method.inference_networks() == ["student1", "student2"]
+    assert create_method("ucmt", predict="teacher").inference_networks() == ["teacher"]
     ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=3)
     method.setup(ctx)
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -565,7 +566,8 @@ def _check_members(planned, trainer: str) -> None:
 
 def test_e2e_ucmt(planned):
     _train(planned, "--ssl", "ucmt")
-    _check_run(planned, "autosslTrainer_ucmt", {"student1", "student2", "teacher"}, ["teacher"], UCMT.scalars)
+    _check_run(planned, "autosslTrainer_ucmt", {"student1", "student2", "teacher"}, ["student1", "student2"],
+               UCMT.scalars)
 
 
 def test_e2e_supervised_transformer(planned):
