@@ -305,6 +305,7 @@ def test_ucmt_pseudo_label_loss_and_weight_defaults():
     y = torch.randint(0, 3, (2, 1, 6, 6), generator=g)
     m = create_method("ucmt")
     assert m.weight == (0.1, 0.75)  # (from scratch: the code's, after a warm start)
+    assert UCMT.default_warmup == 0.3  # CPS's share of the run (round 6 of benchmarks.md)
     assert m.pseudo_loss(logits, y).item() == pytest.approx(pseudo_label_loss(logits, y, dice=True).item())
     code = create_method("ucmt", unsup_loss="dice", weight="0.1")
     assert code.weight == 0.1 and code.pseudo_loss(logits, y).item() == pytest.approx(ucmt_dice(logits, y).item())
