@@ -540,6 +540,10 @@ def _check_run(planned, trainer: str, networks: set[str], inference: list[str], 
 def test_e2e_cross_teaching(planned):
     _train(planned, "--ssl", "cross_teaching")
     _check_run(planned, "autosslTrainer_cross_teaching", {"cnn", "transformer"}, ["cnn"], CrossTeaching.scalars)
+    model = planned["root"] / "autossl_results" / planned["name"]
+    log = "".join(p.read_text() for p in model.glob("autosslTrainer_cross_teaching__*/fold_0/training_log_*.txt"))
+    assert "note: no -pretrained_weights; cross teaching's transformer starts from scratch" in log
+    assert "--method simmim --network transformer" in log
     _check_members(planned, "autosslTrainer_cross_teaching")
 
 
@@ -569,6 +573,9 @@ def test_e2e_ucmt(planned):
     _train(planned, "--ssl", "ucmt")
     _check_run(planned, "autosslTrainer_ucmt", {"student1", "student2", "teacher"}, ["student1", "student2"],
                UCMT.scalars)
+    model = planned["root"] / "autossl_results" / planned["name"]
+    log = "".join(p.read_text() for p in model.glob("autosslTrainer_ucmt__*/fold_0/training_log_*.txt"))
+    assert log and "note: no -pretrained_weights" not in log  # a hint only where a method asks for one
 
 
 def test_e2e_supervised_transformer(planned):

@@ -74,6 +74,9 @@ class SSLMethod(ABC):
     #: Half the run by default: from random weights the unsupervised terms teach noise (measured
     #: on A2D-3 and H3D, documentation/benchmarks.md)
     default_warmup: ClassVar[float] = 0.5
+    #: printed at the start of a run without ``-pretrained_weights``: the pre-training this
+    #: method's networks are measured to need (empty: none)
+    pretrain_hint: ClassVar[str] = ""
 
     def __init__(self, **options: Any):
         self.options = options

@@ -688,6 +688,8 @@ class Trainer:
                 self.logger.print(f"--c: no checkpoint in {self.output_folder}; starting a new training")
             if self.current_step == 0 and self.pretrained_weights is not None:
                 self.load_pretrained_weights(self.pretrained_weights)
+            elif self.current_step == 0 and self.method.pretrain_hint:
+                self.logger.print(f"note: no -pretrained_weights; {self.method.pretrain_hint}")
             if self.current_step == 0 or self.dist.is_ddp:
                 self._seed_everything()
             self._do_split()
