@@ -155,6 +155,33 @@ def test_pseudoseg_step_pseudo_labels_carry_no_gradient(dim):
     assert set(method.scalars) <= set(logged) and logged["pl_share"] == 1.0 and logged["loss_unsup"] > 0
 
 
+def test_pseudoseg_targets_hard_by_default_soft_on_request():
+    """target=hard: CE + the foreground Dice against the argmax of the fused ỹ; target=soft: the
+    paper's soft CE against ỹ itself. A near-uniform ỹ (the calibrated fusion's flattening) gives
+    the soft CE a large floor that the hard target does not have."""
+    from autossl.components.losses import soft_dice_loss
+    from autossl.ssl.methods.fixmatch import masked_ce
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 6, 5, generator=g) * 3
+    target = torch.softmax(torch.randn(2, 3, 6, 5, generator=g) * 0.3, 1)  # flat: top p ~ 0.4
+    mask = torch.ones(2, 1, 6, 5)
+    hard = create_method("pseudoseg")
+    assert hard.target == "hard" and create_method("pseudoseg", target="soft").target == "soft"
+    labels = target.argmax(1, keepdim=True)
+    expected = masked_ce(logits, labels, mask) + soft_dice_loss(logits, labels, batch_dice=True, mask=mask)
+    assert hard.unsup_loss(logits, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    soft = create_method("pseudoseg", target="soft").unsup_loss(logits, target, mask)
+    expected_soft = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert soft.item() == pytest.approx(expected_soft.item(), rel=1e-6)
+    # the perfect prediction of the argmax: the hard loss goes to ~0, the soft CE stays at ỹ's entropy
+    perfect = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float() * 50
+    entropy = -(target * target.log()).sum(1).mean().item()
+    assert hard.unsup_loss(perfect, target, mask).item() < 1e-3
+    assert create_method("pseudoseg", target="soft").unsup_loss(perfect, target, mask).item() > entropy
+    with pytest.raises(ValueError, match="target"):
+        create_method("pseudoseg", target="fuzzy")
+
+
 # ----------------------------------------------------------------------------- PAWS
 def test_paws_soft_label_of_a_two_point_support():
     z_s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                  # class 0, class 1
