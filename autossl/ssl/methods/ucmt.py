@@ -48,8 +48,9 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 
 Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher_mix (0.99, student
 1's share of the EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
-views (strong|blur|none), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max (0.25 / 0.5), predict
-(students|teacher: the students' average by default, the code's teacher on request), network (cnn|transformer: the students' and teacher's architecture;
+views (strong|blur|none), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
+(0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
+request), network (cnn|transformer: the students' and teacher's architecture;
 ``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
 hard pseudo-labels keep only the largest component of each class the labelled cases show to be
 one structure).
