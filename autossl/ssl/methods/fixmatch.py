@@ -38,6 +38,16 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     return (F.cross_entropy(logits.float(), labels[:, 0], reduction="none") * mask[:, 0]).mean()
 
 
+def masked_pseudo_label_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                             dice: bool = True) -> torch.Tensor:
+    """FixMatch's L_u: ``masked_ce``, plus with ``dice`` the foreground soft Dice over the batch on
+    the voxels of ``mask``."""
+    loss = masked_ce(logits, labels, mask)
+    if dice:
+        loss = loss + soft_dice_loss(logits, labels, batch_dice=True, mask=mask)
+    return loss
+
+
 @register("fixmatch")
 class FixMatch(SSLMethod):
     """Options: threshold (0.95), lambda (1.0), clean (true: pseudo-labels cleaned to the largest
@@ -113,9 +123,7 @@ class FixMatch(SSLMethod):
         with ctx.autocast():
             out_l, out_s = split_output(net(torch.cat([x_l, strong])), n_l)
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
-        loss_unsup = masked_ce(main_output(out_s), labels, mask)
-        if self.dice:
-            loss_unsup = loss_unsup + soft_dice_loss(main_output(out_s), labels, batch_dice=True, mask=mask)
+        loss_unsup = masked_pseudo_label_loss(main_output(out_s), labels, mask, self.dice)
         ctx.log("loss_sup", loss_sup)
         ctx.log("loss_unsup", loss_unsup)
         ctx.log("pl_confidence", conf.mean())

@@ -47,11 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from autossl.components.ema import unwrap
-from autossl.components.losses import soft_dice_loss
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.ssl.methods._shared import (check_choice, has_unlabeled, ramp_weight, require_label_maps, sharpen,
                                          split_output, supervised_loss_only)
-from autossl.ssl.methods.fixmatch import FixMatch, masked_ce
+from autossl.ssl.methods.fixmatch import FixMatch, masked_pseudo_label_loss
 from autossl.ssl.registry import register
 
 
@@ -185,11 +184,7 @@ class PseudoSeg(FixMatch):
         if self.target == "soft":
             ce = -(target * torch.log_softmax(logits.float(), 1)).sum(1, keepdim=True)
             return (ce * mask).mean()
-        labels = target.argmax(1, keepdim=True)
-        loss = masked_ce(logits, labels, mask)
-        if self.dice:
-            loss = loss + soft_dice_loss(logits, labels, batch_dice=True, mask=mask)
-        return loss
+        return masked_pseudo_label_loss(logits, target.argmax(1, keepdim=True), mask, self.dice)
 
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
         require_label_maps(labeled["target"], self.name)
