@@ -22,14 +22,18 @@ from test_training import TINY, prepare_dataset
 torch.set_num_threads(1)
 
 
-def _encoder(dim: int = 2):
+def _unet(dim: int = 2, heads: int = 3, deep_supervision: bool = False):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     conv = torch.nn.Conv2d if dim == 2 else torch.nn.Conv3d
     norm = torch.nn.InstanceNorm2d if dim == 2 else torch.nn.InstanceNorm3d
-    net = PlainConvUNet(1, 3, [4, 8, 16], conv, 3, [1, 2, 2], [1, 1, 1], 2, [1, 1], norm_op=norm,
-                        norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU)
-    return net.encoder
+    return PlainConvUNet(1, 3, [4, 8, 16], conv, 3, [1, 2, 2], [1, 1, 1], heads, [1, 1], norm_op=norm,
+                         norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+                         deep_supervision=deep_supervision)
+
+
+def _encoder(dim: int = 2):
+    return _unet(dim).encoder
 
 
 # ----------------------------------------------------------------------------- losses by hand
@@ -191,7 +195,10 @@ def _transformer_encoder(dim: int = 3):
 def _encoder_for(name: str, dim: int = 3):
     from autossl.pretraining.registry import get_method_class
 
-    return _encoder(dim) if "cnn" in get_method_class(name).networks else _transformer_encoder(dim)
+    cls = get_method_class(name)
+    if getattr(cls, "whole_network", False):
+        return _unet(dim, heads=1)  # the trainer's reconstruction heads: the input's channels
+    return _encoder(dim) if "cnn" in cls.networks else _transformer_encoder(dim)
 
 
 @pytest.mark.parametrize("name", available_methods())
@@ -249,6 +256,43 @@ def test_simmim_masks_tokens_and_scores_only_the_masked_ones(monkeypatch):
     assert torch.allclose(a, b) and not torch.allclose(a, c)
     with pytest.raises(ValueError, match="--network transformer"):
         create_method("simmim", _encoder())
+
+
+def test_mae_block_mask_and_loss_over_masked_voxels_only(monkeypatch):
+    import autossl.pretraining.methods.mae as mae
+
+    enc = _unet(2, heads=1).encoder
+    assert mae.total_strides(enc) == (4, 4)
+    assert mae.total_strides(_unet(3).encoder) == (4, 4, 4)
+    m = mae.block_mask((10, 8), (4, 4), 0.5, 3, "cpu")  # a 3 x 2 grid, the last row cropped to 2
+    assert m.shape == (3, 1, 10, 8)
+    for b in range(3):
+        cells = m[b, 0, ::4, ::4]
+        assert cells.sum() == 3  # round(0.5 * 6) cells
+        assert torch.equal(m[b, 0], cells.repeat_interleave(4, 0).repeat_interleave(4, 1)[:10])
+
+    torch.manual_seed(0)
+    method = create_method("mae", _unet(2, heads=1))
+    # block (0, 0) and (1, 1) of a 16 x 16 image (4 x 4 cells of 4) masked; the image is 1 + cell index
+    cells = torch.zeros(1, 1, 4, 4)
+    cells[0, 0, 0, 0] = cells[0, 0, 1, 1] = 1
+    mask = cells.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    monkeypatch.setattr(mae, "block_mask", lambda shape, block, ratio, b, d: mask)
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    with torch.no_grad():
+        for layer in method.net.decoder.seg_layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    loss, scalars = method.loss([x], StepContext(0, 1))
+    assert loss.item() == pytest.approx((1 ** 2 + 6 ** 2) / 2)  # (0 - voxel)^2 over cells 0 and 5 only
+    assert scalars["masked_share"] == pytest.approx(2 / 16)
+    # a masked voxel's value never reaches the network: the encoder sees 0 there, x elsewhere
+    seen = []
+    method.net.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    method.loss([x], StepContext(0, 1))
+    assert torch.equal(seen[0], x * (1 - mask)) and seen[0][0, 0, :4, :4].abs().sum() == 0
+    with pytest.raises(ValueError, match="encoder and decoder"):
+        create_method("mae", _encoder())
 
 
 def test_embedding_std_detects_collapse():
@@ -354,6 +398,40 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
     torch.save(bad, tmp_path / "bad2.pth")
     with pytest.raises(TrainingError, match="some.OtherUNet"):
         t3.load_pretrained_weights(tmp_path / "bad2.pth")
+
+
+def test_mae_pretrains_and_hands_over_the_decoder_too(prepared, monkeypatch, tmp_path):
+    from autossl.pretraining.trainer import Pretrainer
+    from autossl.training.trainer import Trainer
+
+    for k, v in prepared["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("autossl_results", str(tmp_path / "results"))
+    monkeypatch.setenv("autossl_n_proc_DA", "0")
+    cfg = prepared["configuration"]
+    p = Pretrainer(prepared["id"], cfg, "mae", plans=TINY, epochs=1, iterations_per_epoch=2, device="cpu",
+                   num_workers=0, verbose=False)
+    final = torch.load(p.run(), weights_only=True)
+    keys = set(final["encoder"])
+    assert any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("encoder.") for k in keys)
+    assert not any(k.startswith(("decoder.seg_layers.", "decoder.encoder.")) for k in keys)
+
+    t = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl="none", device="cpu", epochs=1, iterations_per_epoch=1,
+                val_iterations=0, num_workers=0, verbose=False, pretrained_weights=p.output_folder_base)
+    t.initialize()
+    heads_before = {k: v.clone() for k, v in t.networks[t.specs[0].name].state_dict().items() if "seg_layers" in k}
+    t.load_pretrained_weights(t.pretrained_weights)
+    sd = t.networks[t.specs[0].name].state_dict()
+    for k, v in final["encoder"].items():
+        assert torch.equal(sd[k], v)
+    assert all(torch.equal(sd[k], v) for k, v in heads_before.items())  # heads: the segmentation run's own
+    log = "".join(f.read_text() for f in t.output_folder.glob("training_log_*.txt"))
+    assert "decoder.* but the segmentation heads" in log and "decoder.seg_layers" in log
+    # a pre-training whose decoder does not fit is refused by name
+    bad = dict(final, encoder={k: v for k, v in final["encoder"].items() if not k.startswith("decoder.stages.0.")})
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(TrainingError, match="missing.*decoder.stages.0"):
+        t.load_pretrained_weights(tmp_path / "bad.pth")
 
 
 def test_cli_rejects_an_unknown_method(capsys):

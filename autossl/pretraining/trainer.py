@@ -1,5 +1,6 @@
 """``autossl_pretrain``: self-supervised pre-training of the planned CNN's encoder (or, with
-``network="transformer"``, of the planned transformer's).
+``network="transformer"``, of the planned transformer's; a dense method such as ``mae`` trains
+the whole planned U-Net, decoder included).
 
 The encoder is the configuration's planned U-Net's ``net.encoder`` (built by
 ``build_network`` from the plans, so its keys are those of every CNN a trainer builds), global
@@ -35,7 +36,7 @@ from autossl.components.resolve import resolve_configuration, resolve_device
 from autossl.networks.build import ArchitectureError, architecture_entry, build_network
 from autossl.networks.tokens import TransformerEncoder
 from autossl.pretraining.base import StepContext
-from autossl.pretraining.registry import create_method
+from autossl.pretraining.registry import create_method, get_method_class
 from autossl.pretraining.views import ImageCases, ViewLoader
 from autossl.utilities.dataset_name import find_dataset_name
 from autossl.utilities.file_io import UnsafeCheckpointError, load_json, load_torch_safely, save_json, save_torch
@@ -106,12 +107,16 @@ class Pretrainer:
         self.num_heads = LabelManager.from_dataset_json(self.dataset_json).num_segmentation_heads
 
         torch.manual_seed(self.seed)
-        net = build_network(self.architecture, self.num_input_channels, self.num_heads, deep_supervision=True)
         try:
+            # a dense method (mae) trains the whole U-Net, its heads reconstructing the input channels
+            self.whole_network = network == "cnn" and getattr(get_method_class(method), "whole_network", False)
+            heads = self.num_input_channels if self.whole_network else self.num_heads
+            net = build_network(self.architecture, self.num_input_channels, heads,
+                                deep_supervision=not self.whole_network)
             if network == "transformer":
                 encoder = TransformerEncoder(net)
             elif hasattr(net, "encoder") and hasattr(net.encoder, "output_channels"):
-                encoder = net.encoder
+                encoder = net if self.whole_network else net.encoder
             else:
                 raise TrainingError(f"{self.architecture['network_class_name']}: no U-Net encoder to pre-train")
             self.method = create_method(method, encoder, num_samples=len(self.cases), **self.method_options)
@@ -148,7 +153,13 @@ class Pretrainer:
     # ------------------------------------------------------------------ checkpoints
     def encoder_state(self) -> dict:
         """The encoder's weights under the keys of the full planned network: ``encoder.*`` of the
-        U-Net, or the transformer's own ``down_projection.*``, ``eva.*`` (``register_tokens``)."""
+        U-Net, or the transformer's own ``down_projection.*``, ``eva.*`` (``register_tokens``);
+        a whole-network method adds the U-Net's decoder (``decoder.stages.*``,
+        ``decoder.transpconvs.*``; not its heads, nor the encoder's second registration
+        ``decoder.encoder.*``)."""
+        if self.whole_network:
+            return {k: v for k, v in self.method.net.state_dict().items()
+                    if not k.startswith(("decoder.seg_layers.", "decoder.encoder."))}
         sd = self.method.encoder.state_dict()
         return sd if self.network == "transformer" else {f"encoder.{k}": v for k, v in sd.items()}
 
@@ -199,9 +210,11 @@ class Pretrainer:
             np.random.seed(self.seed)
         for name, obj in (("plans.json", self.plans), ("dataset.json", self.dataset_json)):
             save_json(obj, self.output_folder_base / name)
-        n_params = sum(p.numel() for p in self.method.encoder.parameters())
+        trained = self.method.net if self.whole_network else self.method.encoder
+        n_params = sum(p.numel() for p in trained.parameters())
+        part = "encoder and decoder" if self.whole_network else "encoder"
         self.logger.print(f"pre-training {self.method_name} on {len(self.cases)} images of {self.dataset_name} "
-                          f"({self.configuration} of {self.plans_identifier}): {self.network} encoder of "
+                          f"({self.configuration} of {self.plans_identifier}): {self.network} {part} of "
                           f"{self.architecture['network_class_name'].split('.')[-1]} ({n_params} parameters), "
                           f"batch {self.batch_size} x {self.method.num_views} views of {list(self.patch_size)}, "
                           f"{self.num_epochs} epochs x {self.iterations_per_epoch} iterations, device {self.device}")

@@ -114,19 +114,34 @@ def _encoder_key(key: str) -> str | None:
     return None
 
 
+#: decoder keys that a whole-network pre-training never holds: the heads, and the encoder's
+#: second registration (``decoder.encoder.*``, loaded from ``encoder.*``)
+_NOT_PRETRAINED_DECODER = ("decoder.seg_layers.", "decoder.encoder.")
+
+
+def _pretrained_decoder_key(key: str) -> bool:
+    return key.startswith("decoder.") and not key.startswith(_NOT_PRETRAINED_DECODER)
+
+
 def load_encoder_weights(net, encoder_state: dict[str, "torch.Tensor"], what: str) -> tuple[list[str], list[str]]:
-    """Load an ``encoder.*`` state dict into the encoder of ``net``; (loaded, left) target keys.
-    Missing, unexpected or differently shaped encoder keys raise ``TrainingError``."""
+    """Load an ``encoder.*`` state dict into the encoder of ``net``, and its ``decoder.*`` keys
+    (a whole-network pre-training such as ``mae``) into the decoder but its segmentation heads;
+    (loaded, left) target keys. Missing, unexpected or differently shaped keys raise
+    ``TrainingError``."""
     target = net.state_dict()
     enc_target = {k: v for k, v in target.items() if k.startswith("encoder.")}
     if not enc_target:
         raise TrainingError(f"{what}: {type(net).__name__} has no encoder to load the pre-trained encoder into")
-    problem = _mismatch(enc_target, encoder_state)
+    with_decoder = any(k.startswith("decoder.") for k in encoder_state)
+    expected = dict(enc_target)
+    if with_decoder:
+        expected.update({k: v for k, v in target.items() if _pretrained_decoder_key(k)})
+    problem = _mismatch(expected, encoder_state)
     if problem:
         raise TrainingError(problem)
     new, loaded, left = dict(target), [], []
     for k, v in target.items():
-        src = _encoder_key(k)
+        src = _encoder_key(k) or (k if with_decoder and _pretrained_decoder_key(k) else None)
         if src is not None:
             new[k] = encoder_state[src].to(v.dtype)
             loaded.append(k)
@@ -189,6 +204,8 @@ def _load_pretraining(trainer, path: Path, ckpt: dict) -> dict[str, str]:
                                 f"configuration {trainer.configuration!r} ({e}); pre-train with the same plans, "
                                 f"configuration and channels") from None
         tops = sorted({k.split(".")[0] + "." + k.split(".")[1] if k.count(".") > 1 else k for k in left})
+        if any(_pretrained_decoder_key(k) for k in loaded):
+            keys = "encoder.*, decoder.* but the segmentation heads"
         report.append(f"{spec.name} <- encoder ({len(loaded)} tensors: {keys}); "
                       f"left at initialisation {len(left)} tensors ({', '.join(tops[:6])}"
                       f"{', ...' if len(tops) > 6 else ''})")
