@@ -16,10 +16,10 @@ from autossl.networks.entries import hybrid_architecture
 from autossl.ssl.context import TrainingContext
 from autossl.ssl.methods.fixmatch import masked_ce
 from autossl.ssl.methods.semi_vit import (SemiViT, partners, probabilistic_pseudo_mixup, pseudo_mixup_weight,
-                                          soft_cross_entropy)
+                                          soft_cross_entropy, soft_target_dice_loss)
 from autossl.ssl.methods.semiformer import Semiformer as SemiformerMethod
 from autossl.ssl.registry import create_method
-from autossl.components.losses import SupervisedLoss
+from autossl.components.losses import SupervisedLoss, soft_dice_loss
 from test_ssl_ucmt_ct import _check_run, _train, planned  # noqa: F401  (planned: the 2d / 3d_fullres fixture)
 
 torch.set_num_threads(1)
@@ -270,7 +270,8 @@ def test_semi_vit_step_matches_formula_and_the_teacher_is_an_ema():
     mask = (conf >= 0.75).float()
     assert 0 < mask.mean() < 1
     expected = SupervisedLoss()(student(lab["data"]), lab["target"]) + \
-        (soft_cross_entropy(student(mixed), target) * mask[:, 0]).mean()
+        (soft_cross_entropy(student(mixed), target) * mask[:, 0]).mean() + \
+        soft_target_dice_loss(student(mixed), target, mask)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert teacher.weight.grad is None
@@ -279,6 +280,28 @@ def test_semi_vit_step_matches_formula_and_the_teacher_is_an_ema():
     assert torch.allclose(teacher.weight, 0.9 * t0 + 0.1 * s0)
     logged = ctx.pop_logged()
     assert all(s in logged for s in SemiViT.scalars)
+
+
+def test_soft_target_dice_by_hand_and_against_the_hard_dice():
+    import math
+
+    # two voxels, background / foreground; softmax foreground 0.8 and 0.2; mixed targets 1.0 and 0.5
+    fg = torch.tensor([0.8, 0.2])
+    logits = torch.stack([torch.zeros(2), torch.log(fg / (1 - fg))]).view(1, 2, 1, 2)
+    target = torch.stack([1 - torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.5])]).view(1, 2, 1, 2)
+    both = torch.ones(1, 1, 1, 2)
+    assert soft_target_dice_loss(logits, target, both).item() == pytest.approx(1 - 2 * 0.9 / (1.0 + 1.5), abs=1e-5)
+    first = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    assert soft_target_dice_loss(logits, target, first).item() == pytest.approx(1 - 1.6 / 1.8, abs=1e-5)
+    # with one-hot targets it is the hard pseudo-labels' Dice term
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(3, 4, 5, 5, generator=g)
+    labels = torch.randint(0, 4, (3, 1, 5, 5), generator=g)
+    m = (torch.rand(3, 1, 5, 5, generator=g) > 0.3).float()
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 4).movedim(-1, 1).float()
+    assert soft_target_dice_loss(lg, onehot, m).item() == pytest.approx(
+        soft_dice_loss(lg, labels, batch_dice=True, mask=m).item(), abs=1e-5)
+    assert not math.isnan(soft_target_dice_loss(lg, onehot, torch.zeros_like(m)).item())
 
 
 def test_semi_vit_specs_transformer_by_default_cnn_on_request():

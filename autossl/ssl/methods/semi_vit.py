@@ -16,11 +16,13 @@ start the teacher copies the student), on the transformer by default (the paper'
   w_a = λ·c_a / (λ·c_a + (1-λ)·c_b), y = w_a·onehot(ŷ_a) + (1 - w_a)·onehot(ŷ_b)
   (``mix=confidence``: the official code's form, λ = c_a / (c_a + c_b) per voxel for the image
   and the target alike); the mixed voxel counts where max(c_a, c_b) >= τ;
-* L = L_s(student, labelled) + λ_u(t)·mean(m · soft-CE(student(x), y));
+* L = L_s(student, labelled) + λ_u(t)·[mean(m · soft-CE(student(x), y)) + soft Dice of the
+  foreground classes over the batch against y on the voxels of m (``dice``; not in the paper)];
 * after the step: teacher <- α·teacher + (1-α)·student.
 
 Options (``--ssl-opt key=value``): threshold (0.7), lambda (1.0), rampup, ema_decay (0.99; the paper 0.9999),
-alpha (0.8), mix (beta | confidence), network (transformer | cnn), inference (teacher | student).
+alpha (0.8), mix (beta | confidence), dice (true: L_u adds the foreground soft Dice against the
+mixed targets), network (transformer | cnn), inference (teacher | student).
 """
 from __future__ import annotations
 
@@ -82,6 +84,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * torch.log_softmax(logits.float(), 1)).sum(1)
 
 
+def soft_target_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                          smooth: float = 1e-5) -> torch.Tensor:
+    """1 - the soft Dice of the foreground classes over the batch against a probabilistic target
+    (B, K, *), on the voxels where ``mask`` (B, 1, *) is 1: the hard pseudo-labels' Dice term
+    (``soft_dice_loss``) with the one-hot map replaced by the mixed target."""
+    probs = torch.softmax(logits.float(), 1)[:, 1:]
+    y, m = target.float()[:, 1:], mask.float()
+    axes = (0, *range(2, probs.ndim))
+    inter = (probs * y * m).sum(axes)
+    dc = (2 * inter + smooth) / ((probs * m).sum(axes) + (y * m).sum(axes) + smooth).clamp_min(1e-8)
+    return 1 - dc.mean()
+
+
 @register("semi_vit")
 class SemiViT(SSLMethod):
     scalars = ("loss_sup", "loss_unsup", "pl_confidence", "pl_share", "mix_purity", "ramp_weight")
@@ -99,6 +114,10 @@ class SemiViT(SSLMethod):
         # (documentation/benchmarks.md, round 7); 0.99 is the mean teacher's decay
         self.ema_decay = self.option("ema_decay", 0.99)
         self.alpha = self.option("alpha", 0.8)
+        # plus the foreground soft Dice against the mixed targets, as every hard pseudo-label of
+        # CPS, FixMatch and UCMT is learned: the CE alone is an average over voxels that are
+        # nearly all background
+        self.dice = self.option("dice", True)
         self.mix = check_choice(self.name, "mix", self.option("mix", "beta"), MIX)
         self.arch = check_choice(self.name, "network", self.option("network", "transformer"), ("transformer", "cnn"))
         self.inference = check_choice(self.name, "inference", self.option("inference", "teacher"),
@@ -145,7 +164,10 @@ class SemiViT(SSLMethod):
         with ctx.autocast():
             out_l, out_u = split_output(student(torch.cat([x_l, mixed])), n_l)
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
-        loss_unsup = (soft_cross_entropy(main_output(out_u), target) * mask[:, 0]).mean()
+        logits_u = main_output(out_u)
+        loss_unsup = (soft_cross_entropy(logits_u, target) * mask[:, 0]).mean()
+        if self.dice:
+            loss_unsup = loss_unsup + soft_target_dice_loss(logits_u, target, mask)
         weight = ramp_weight(self.lambda_u, self.rampup, ctx)
         ctx.log("loss_sup", loss_sup)
         ctx.log("loss_unsup", loss_unsup)
