@@ -575,7 +575,8 @@ def test_e2e_ucmt(planned):
                UCMT.scalars)
     model = planned["root"] / "autossl_results" / planned["name"]
     log = "".join(p.read_text() for p in model.glob("autosslTrainer_ucmt__*/fold_0/training_log_*.txt"))
-    assert log and "note: no -pretrained_weights" not in log  # a hint only where a method asks for one
+    # no hint of its own: the default for U-Nets, the whole-U-Net masked autoencoder
+    assert log and "note: no -pretrained_weights" in log and "--method mae" in log and "simmim" not in log
 
 
 def test_e2e_supervised_transformer(planned):

@@ -344,3 +344,13 @@ def test_cps_warm_start_defaults_to_thirty_percent_of_the_run(ds):
         assert _trainer(ds, fold="all", ssl=ssl, epochs=2, iterations_per_epoch=5).warmup_steps == 3
     assert _trainer(ds, fold="all", ssl="mean_teacher", epochs=2, iterations_per_epoch=5).warmup_steps == 5
     assert _trainer(ds, fold="all", ssl="cps", epochs=2, iterations_per_epoch=5, warmup=0.5).warmup_steps == 5
+
+
+def test_default_pretrain_hint_follows_the_runs_networks():
+    from autossl.ssl.base import NetworkSpec
+    from autossl.training.warm_start import default_pretrain_hint
+
+    assert "--method mae" in default_pretrain_hint([NetworkSpec("a"), NetworkSpec("b")])
+    assert "--method simmim --network transformer" in default_pretrain_hint([NetworkSpec("s", arch="transformer")])
+    # a CNN beside a transformer (cross teaching) gets no default: its method names its own
+    assert default_pretrain_hint([NetworkSpec("cnn"), NetworkSpec("vit", arch="transformer")]) == ""

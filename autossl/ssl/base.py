@@ -75,7 +75,8 @@ class SSLMethod(ABC):
     #: on A2D-3 and H3D, documentation/benchmarks.md)
     default_warmup: ClassVar[float] = 0.5
     #: printed at the start of a run without ``-pretrained_weights``: the pre-training this
-    #: method's networks are measured to need (empty: none)
+    #: method's networks are measured to need (empty: the trainer's default for the run's
+    #: networks, ``training.warm_start.default_pretrain_hint``)
     pretrain_hint: ClassVar[str] = ""
 
     def __init__(self, **options: Any):

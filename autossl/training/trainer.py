@@ -688,8 +688,10 @@ class Trainer:
                 self.logger.print(f"--c: no checkpoint in {self.output_folder}; starting a new training")
             if self.current_step == 0 and self.pretrained_weights is not None:
                 self.load_pretrained_weights(self.pretrained_weights)
-            elif self.current_step == 0 and self.method.pretrain_hint:
-                self.logger.print(f"note: no -pretrained_weights; {self.method.pretrain_hint}")
+            elif self.current_step == 0:
+                hint = self.method.pretrain_hint or warm_start.default_pretrain_hint(self.specs)
+                if hint:
+                    self.logger.print(f"note: no -pretrained_weights; {hint}")
             if self.current_step == 0 or self.dist.is_ddp:
                 self._seed_everything()
             self._do_split()

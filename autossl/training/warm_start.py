@@ -249,3 +249,19 @@ def load_pretrained_weights(trainer, source: str | os.PathLike) -> dict[str, str
     trainer.logger.print(f"pretrained weights from {path}: " +
                          ", ".join(f"{dst} <- {src} ({len(nets[src])} tensors)" for dst, src in chosen.items()))
     return chosen
+
+
+def default_pretrain_hint(specs) -> str:
+    """The note a run without ``-pretrained_weights`` prints when its method names none: the
+    stage's masked autoencoder when every network is a planned U-Net (measured on A2D-3,
+    ``documentation/pretraining.md``), SimMIM when every network is the planned transformer."""
+    archs = {s.arch for s in specs}
+    if archs == {"cnn"}:
+        return ("the U-Net starts from random weights. A masked-autoencoder pre-training of the whole U-Net on "
+                "every image, 'autossl_pretrain DATASET CONFIG --method mae' (a few minutes), then "
+                "-pretrained_weights on its folder, lifted supervised and CPS-CutMix runs with 3 labelled "
+                "patients (documentation/pretraining.md)")
+    if archs == {"transformer"}:
+        return ("the transformer starts from random weights: 'autossl_pretrain DATASET CONFIG --method simmim "
+                "--network transformer', then -pretrained_weights on its folder (documentation/pretraining.md)")
+    return ""
