@@ -270,11 +270,16 @@ def test_semi_vit_step_matches_formula_and_the_teacher_is_an_ema():
     mask = (conf >= 0.75).float()
     assert 0 < mask.mean() < 1
     expected = SupervisedLoss()(student(lab["data"]), lab["target"]) + \
-        (soft_cross_entropy(student(mixed), target) * mask[:, 0]).mean() + \
-        soft_target_dice_loss(student(mixed), target, mask)
+        (soft_cross_entropy(student(mixed), target) * mask[:, 0]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert teacher.weight.grad is None
+    # dice=true: the same step plus the Dice term against the same mixed targets
+    with_dice = create_method("semi_vit", rampup="0", threshold="0.75", ema_decay="0.9", dice="true")
+    rng.manual_seed(0)
+    loss_dice = next(with_dice.training_step(lab, unl, ctx))
+    assert loss_dice.item() == pytest.approx(
+        (expected + soft_target_dice_loss(student(mixed), target, mask)).item(), rel=1e-5)
     t0, s0 = teacher.weight.clone(), student.weight.detach().clone()
     method.after_optimizer_step(ctx)
     assert torch.allclose(teacher.weight, 0.9 * t0 + 0.1 * s0)
