@@ -84,10 +84,12 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=float, default=None,
                     help="autossl_train --warmup for every semi-supervised method (default: the method's)")
     ap.add_argument("--tag", default="", help="label of these rows (variants of a method in one table)")
-    ap.add_argument("--pretrain", default=None, metavar="METHOD",
-                    help="start every row (supervised included) from one self-supervised pre-training of the "
-                         "dataset with autossl_pretrain --method METHOD, done once and reported beside the rows; "
-                         "the rows are tagged pt_METHOD")
+    ap.add_argument("--pretrain", default=None, metavar="METHOD[:NETWORK]", nargs="+",
+                    help="start every row (supervised included) from self-supervised pre-trainings of the "
+                         "dataset with autossl_pretrain --method METHOD (NETWORK: cnn or transformer, default "
+                         "--pretrain-network), each done once and reported beside the rows; several: one per "
+                         "kind of network (e.g. mae simmim:transformer for cross teaching); the rows are "
+                         "tagged pt_METHOD[_transformer][+...]")
     ap.add_argument("--pretrain-steps", type=int, default=1000, help="iterations of that pre-training")
     ap.add_argument("--pretrain-network", default="cnn", choices=("cnn", "transformer"),
                     help="the planned network whose encoder --pretrain trains (transformer: e.g. simmim, "
@@ -128,18 +130,24 @@ def main(argv=None) -> None:
                 print(f"[{ds}] planned and preprocessed in {t:.0f} s", flush=True)
             prepared[lab] = (ds, test_labels)
         ds, test_labels = prepared[lab]
-        pretrained = []
-        if args.pretrain:
-            pt_dir, pt_info = pretrain_once(ds, proto, plans, args, env, log)
-            pretrained = ["-pretrained_weights", str(pt_dir)]
+        pretrained, pt_infos = [], []
+        for item in args.pretrain or []:
+            pt_method, _, pt_network = item.partition(":")
+            pt_dir, pt_info = pretrain_once(ds, proto, plans, args, env, log, pt_method,
+                                            pt_network or args.pretrain_network)
+            pretrained.append(str(pt_dir))
+            pt_infos.append(pt_info)
+        if pretrained:
+            pretrained = ["-pretrained_weights", *pretrained]
         pool_labels = None
         if args.diagnostics and lab != "all":
             ds_all, _ = build_dataset(proto, args.protocol, "all", proto["base_id"] + 9, env, work, log)
             pool_labels = Path(env["autossl_raw"]) / ds_all / "labelsTr"
         for seed in args.seeds:
             tag = args.tag if method != "none" else ""
-            if args.pretrain:
-                pt = f"pt_{args.pretrain}" + ("_transformer" if args.pretrain_network == "transformer" else "")
+            if pt_infos:
+                pt = "pt_" + "+".join(i["method"] + ("_transformer" if i["network"] == "transformer" else "")
+                                      for i in pt_infos)
                 tag = "_".join(t for t in (pt, tag) if t)
             key = (lab, method, seed, tag)
             pred = work / "predictions" / f"{ds}_{method}_s{seed}{'_' + tag if tag else ''}"
@@ -186,8 +194,8 @@ def main(argv=None) -> None:
             row.update(labeled=lab, method=method, seed=seed, tag=tag, warmup_iterations=w,
                        steps=w + (iterations - w) * per_it, iterations=iterations,
                        train_s=round(t_train, 1), predict_s=round(t_pred, 1), arithmetic_ratio=round(cost, 2))
-            if args.pretrain:
-                row["pretraining"] = pt_info
+            if pt_infos:
+                row["pretraining"] = pt_infos[0] if len(pt_infos) == 1 else pt_infos
             if pool_labels is not None:
                 row["pseudo_label_dice"] = pseudo_label_course(model_dir, method, ds, proto, plans, pool_labels,
                                                                env, work, log, args, seed, tag)
@@ -198,21 +206,24 @@ def main(argv=None) -> None:
     print((work / "results.md").read_text())
 
 
-def pretrain_once(ds: str, proto: dict, plans: str, args, env: dict, log: Path) -> tuple[Path, dict]:
-    """The dataset's self-supervised pre-training with ``args.pretrain`` (run once, reused by
-    every row); returns its results folder and {method, iterations, wall_s}."""
-    suffix = "_transformer" if args.pretrain_network == "transformer" else ""
-    folder = Path(env["autossl_results"]) / ds / f"autosslPretrainer_{args.pretrain}{suffix}__{plans}__{proto['config']}"
+def pretrain_once(ds: str, proto: dict, plans: str, args, env: dict, log: Path, method: str,
+                  network: str) -> tuple[Path, dict]:
+    """The dataset's self-supervised pre-training with ``method`` of ``network`` (run once,
+    reused by every row); returns its results folder and {method, network, iterations, wall_s}."""
+    if network not in ("cnn", "transformer"):
+        raise SystemExit(f"--pretrain {method}:{network}: the network is cnn or transformer")
+    suffix = "_transformer" if network == "transformer" else ""
+    folder = Path(env["autossl_results"]) / ds / f"autosslPretrainer_{method}{suffix}__{plans}__{proto['config']}"
     info_file = folder / "benchmark_pretraining.json"
     if (folder / "fold_all" / "checkpoint_final.pth").is_file() and info_file.is_file():
         return folder, json.loads(info_file.read_text())
     epochs = max(1, args.pretrain_steps // args.iterations_per_epoch)
-    t = run(["autossl_pretrain", ds, proto["config"], "--method", args.pretrain, "-p", plans,
+    t = run(["autossl_pretrain", ds, proto["config"], "--method", method, "-p", plans,
              "--epochs", str(epochs), "--iterations-per-epoch", str(args.iterations_per_epoch),
-             "--network", args.pretrain_network, "-device", args.device], env, log)
-    info = {"method": args.pretrain, "network": args.pretrain_network, "iterations": epochs * args.iterations_per_epoch, "wall_s": round(t, 1)}
+             "--network", network, "-device", args.device], env, log)
+    info = {"method": method, "network": network, "iterations": epochs * args.iterations_per_epoch, "wall_s": round(t, 1)}
     info_file.write_text(json.dumps(info))
-    print(f"[{ds}] pre-training {args.pretrain}: {info['iterations']} iterations in {t:.0f} s", flush=True)
+    print(f"[{ds}] pre-training {method} ({network}): {info['iterations']} iterations in {t:.0f} s", flush=True)
     return folder, info
 
 

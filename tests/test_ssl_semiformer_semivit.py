@@ -427,3 +427,51 @@ def test_e2e_semi_vit_pipeline(planned, monkeypatch):
     assert t.load_pretrained_weights(supervised) == {"student": "student", "teacher": "student"}
     final = torch.load(supervised / "fold_0" / "checkpoint_final.pth", weights_only=True)["networks"]["student"]
     assert all(torch.equal(t.networks["teacher"].state_dict()[k], v) for k, v in final.items())
+
+
+def test_cross_teaching_from_two_pretrainings_one_per_kind_of_network(planned):
+    """-pretrained_weights with two pre-trainings: mae's U-Net into the CNN, simmim's transformer
+    into the transformer; two for the same network, or a trained run among them, are errors."""
+    from autossl.cli.pretrain import main as pretrain_main
+    from autossl.components.errors import TrainingError
+    from autossl.pretraining.trainer import pretrainer_name
+    from autossl.training.trainer import Trainer
+
+    cfg, ident = planned["configuration"], planned["plans"]
+    results = planned["root"] / "autossl_results" / planned["name"]
+    folders = {}
+    for method, network in (("mae", "cnn"), ("simmim", "transformer")):
+        folders[method] = results / f"{pretrainer_name(method, network)}__{ident}__{cfg}"
+        if not (folders[method] / "fold_all" / "checkpoint_final.pth").is_file():
+            assert pretrain_main([str(planned["id"]), cfg, "-p", ident, "--method", method, "--network", network,
+                                  "--epochs", "1", "--iterations-per-epoch", "1", "--num-workers", "0",
+                                  "-device", "cpu"]) == 0
+    both = [folders["mae"], folders["simmim"]]
+
+    def trainer(sources):
+        return Trainer(planned["id"], cfg, 0, plans=ident, ssl="cross_teaching", device="cpu", epochs=1,
+                       iterations_per_epoch=1, val_iterations=0, num_workers=0, verbose=False,
+                       pretrained_weights=sources)
+
+    t = trainer(both)
+    assert t.warmup == t.method.default_warmup  # pre-trainings only: the supervised warm start still runs
+    t.initialize()
+    assert t.load_pretrained_sources() == {"cnn": folders["mae"], "transformer": folders["simmim"]}
+    for name, method in (("cnn", "mae"), ("transformer", "simmim")):
+        encoder = torch.load(folders[method] / "fold_all" / "checkpoint_final.pth", weights_only=True)["encoder"]
+        sd = t.networks[name].state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in encoder.items())
+    t = trainer([folders["mae"], folders["mae"]])
+    t.initialize()
+    with pytest.raises(TrainingError, match="both load network 'cnn'"):
+        t.load_pretrained_sources()
+    # the command line takes both after one flag
+    _train(planned, "--ssl", "cross_teaching", "-pretrained_weights", *map(str, both))
+    run = _model(planned, "autosslTrainer_cross_teaching")
+    log = _newest_log(run)
+    for method in ("mae", "simmim"):
+        assert f"pre-trained encoder from {folders[method] / 'fold_all' / 'checkpoint_final.pth'}" in log
+    assert "decoder.* but the segmentation heads" in log
+    # a trained segmentation run among several sources
+    with pytest.raises(TrainingError, match="pre-trainings .*only"):
+        trainer([run, folders["simmim"]])

@@ -70,9 +70,11 @@ def build_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
                    help="supervised warm start inside the run: the first W iterations (W >= 1) or share "
                         "of the run (W < 1) train on the labelled batches alone, then the learning rate "
                         "restarts and the method uses the unlabelled batches (default: the method's)")
-    p.add_argument("-pretrained_weights", "--pretrained-weights", default=None, metavar="PATH",
+    p.add_argument("-pretrained_weights", "--pretrained-weights", default=None, metavar="PATH", nargs="+",
                    help="start every network from another run of the same plans: its checkpoint, or its "
-                        "results folder (e.g. the supervised autosslTrainer__PLANS__CONFIG)")
+                        "results folder (e.g. the supervised autosslTrainer__PLANS__CONFIG), or from "
+                        "autossl_pretrain folders, one per kind of network (e.g. mae for the U-Net and "
+                        "simmim for cross teaching's transformer)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="also keep checkpoint_step<S>.pth every N epochs (to look at a run's course)")
     p.add_argument("--list-methods", action="store_true", help="print the available --ssl methods and exit")

@@ -123,7 +123,10 @@ class Trainer:
                     ``pretrained_weights`` starts the run warm).
     pretrained_weights: a checkpoint (or a results folder holding one) whose network weights
                     initialise every network of the same architecture (nnU-Net's
-                    ``-pretrained_weights``); a warm start from another run
+                    ``-pretrained_weights``); a warm start from another run. A list of
+                    self-supervised pre-trainings loads each into the networks of its kind (a
+                    U-Net's and a transformer's for cross teaching); two that load the same
+                    network are an error
     snapshot_every: also keep ``checkpoint_step<N>.pth`` every N epochs (diagnostics over a run)
     """
 
@@ -220,14 +223,23 @@ class Trainer:
         # a run started from another run's weights is warm already: no supervised phase unless asked;
         # a self-supervised pre-training holds an encoder only, so the method's warm start still runs
         self._encoder_only_start = False
-        if pretrained_weights:
+        sources = [] if not pretrained_weights else \
+            [pretrained_weights] if isinstance(pretrained_weights, (str, os.PathLike)) else list(pretrained_weights)
+        if sources:
             from autossl.training.warm_start import is_encoder_only_source
-            self._encoder_only_start = is_encoder_only_source(pretrained_weights, fold)
-        default = self.method.default_warmup if (not pretrained_weights or self._encoder_only_start) else 0.0
+            only = [is_encoder_only_source(s, fold) for s in sources]
+            if len(sources) > 1 and not all(only):
+                raise TrainingError("-pretrained_weights with several sources takes self-supervised pre-trainings "
+                                    "(autossl_pretrain) only, e.g. one for the U-Nets and one for the transformer; "
+                                    "a trained segmentation run starts every network on its own")
+            self._encoder_only_start = all(only)
+        default = self.method.default_warmup if (not sources or self._encoder_only_start) else 0.0
         self.warmup = float(default if warmup is None else warmup)
         if math.isnan(self.warmup) or self.warmup < 0:
             raise TrainingError(f"--warmup must be >= 0 (a share of the run below 1, iterations from 1), got {warmup}")
-        self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
+        #: every -pretrained_weights source; ``pretrained_weights`` is the first (None: none)
+        self.pretrained_sources = [Path(p) for p in sources]
+        self.pretrained_weights = self.pretrained_sources[0] if sources else None
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
         self._single_components: tuple[int, ...] | None = None  # decided from the labelled cases
@@ -341,6 +353,18 @@ class Trainer:
             self.ctx.log(f"warmup_loss_{spec.name}", term)
             loss = term if loss is None else loss + term
         yield loss
+
+    def load_pretrained_sources(self) -> dict[str, Path]:
+        """Load every ``-pretrained_weights`` source; {network: the source it came from}. Two
+        sources that load the same network are an error."""
+        loaded_from: dict[str, Path] = {}
+        for source in self.pretrained_sources:
+            for name in self.load_pretrained_weights(source):
+                if name in loaded_from:
+                    raise TrainingError(f"-pretrained_weights {loaded_from[name]} and {source} both load network "
+                                        f"{name!r}: give one pre-training per kind of network")
+                loaded_from[name] = source
+        return loaded_from
 
     def load_pretrained_weights(self, source: str | os.PathLike) -> dict[str, str]:
         """See ``autossl.training.warm_start.load_pretrained_weights``."""
@@ -686,8 +710,8 @@ class Trainer:
                 self.logger.print(f"continuing from {latest} at step {self.current_step}/{self.total_steps}")
             elif continue_training:
                 self.logger.print(f"--c: no checkpoint in {self.output_folder}; starting a new training")
-            if self.current_step == 0 and self.pretrained_weights is not None:
-                self.load_pretrained_weights(self.pretrained_weights)
+            if self.current_step == 0 and self.pretrained_sources:
+                self.load_pretrained_sources()
             elif self.current_step == 0:
                 hint = self.method.pretrain_hint or warm_start.default_pretrain_hint(self.specs)
                 if hint:
@@ -751,7 +775,8 @@ class Trainer:
             "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "total_steps": self.total_steps, "val_iterations": self.val_iterations, "rounds": self.rounds,
             "warmup_steps": self.warmup_steps, "pool_prediction": dict(self.pool_prediction),
-            "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None,
+            "pretrained_weights": ([str(p) for p in self.pretrained_sources] if len(self.pretrained_sources) > 1
+                                   else str(self.pretrained_weights) if self.pretrained_weights else None),
             "budget_s": self.budget_s, "seed": self.seed, "num_workers": self.num_workers, "compile": self.compile,
             "amp": self.amp_dtype is not None,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),

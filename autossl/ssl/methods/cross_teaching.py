@@ -84,9 +84,9 @@ def cross_teaching_terms(logits_cnn: torch.Tensor, logits_vit: torch.Tensor,
 @register("cross_teaching")
 class CrossTeaching(SSLMethod):
     pretrain_hint = ("cross teaching's transformer starts from scratch. It teaches the CNN better labels after "
-                     "'autossl_pretrain DATASET CONFIG --method simmim --network transformer' and "
-                     "-pretrained_weights on that folder (measured on A2D-3: documentation/ssl_methods.md, "
-                     "cross teaching)")
+                     "'autossl_pretrain DATASET CONFIG --method simmim --network transformer' (and the U-Net "
+                     "after '--method mae'), then -pretrained_weights on those folders (measured on A2D-3: "
+                     "documentation/ssl_methods.md, cross teaching)")
     scalars = ("loss_sup_cnn", "loss_sup_vit", "loss_ct", "ramp_weight", "agreement")
     default_unlabeled_ratio = 1.0  # SSL4MIS: 8 labelled + 8 unlabelled
 
