@@ -312,20 +312,26 @@ def prepared(request, tmp_path_factory):
     return prepare_dataset(tmp_path_factory.mktemp(f"pretrain_{request.param}"), 982 if two_d else 981, two_d)
 
 
-def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
-    from autossl.inference.predictor import Predictor
-    from autossl.pretraining.trainer import Pretrainer
-    from autossl.training.trainer import Trainer
-
+@pytest.fixture
+def prepared_env(prepared, monkeypatch, tmp_path):
+    """The prepared dataset's folders, results in this test's own folder, loading in-process."""
     for k, v in prepared["env"].items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("autossl_results", str(tmp_path / "results"))
     monkeypatch.setenv("autossl_n_proc_DA", "0")
-    cfg = prepared["configuration"]
+    return prepared
+
+
+def test_pretrain_resume_finetune_and_predict(prepared_env, monkeypatch, tmp_path):
+    from autossl.inference.predictor import Predictor
+    from autossl.pretraining.trainer import Pretrainer
+    from autossl.training.trainer import Trainer
+
+    cfg = prepared_env["configuration"]
     method = "simclr" if cfg == "2d" else "moco_v2"
 
     def pretrainer():
-        return Pretrainer(prepared["id"], cfg, method, plans=TINY, epochs=2, iterations_per_epoch=1, device="cpu",
+        return Pretrainer(prepared_env["id"], cfg, method, plans=TINY, epochs=2, iterations_per_epoch=1, device="cpu",
                           num_workers=0, verbose=False, method_options={"hidden": "32"})
 
     class Stop(Exception):
@@ -342,7 +348,7 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
         pretrainer().run()
     monkeypatch.setattr(Pretrainer, "_end_epoch", original)
     p = pretrainer()
-    assert p.output_folder == tmp_path / "results" / prepared["name"] / f"autosslPretrainer_{method}__{TINY}__{cfg}" \
+    assert p.output_folder == tmp_path / "results" / prepared_env["name"] / f"autosslPretrainer_{method}__{TINY}__{cfg}" \
         / "fold_all"
     latest = torch.load(p.output_folder / "checkpoint_latest.pth", weights_only=True)
     assert latest["current_step"] == 1
@@ -356,7 +362,7 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
 
     # fine-tune: supervised and semi-supervised from the pre-trained encoder
     for ssl in ("none", "entropy_min"):
-        t = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl=ssl, device="cpu", epochs=1, iterations_per_epoch=1,
+        t = Trainer(prepared_env["id"], cfg, "all", plans=TINY, ssl=ssl, device="cpu", epochs=1, iterations_per_epoch=1,
                     val_iterations=0, num_workers=0, verbose=False, pretrained_weights=p.output_folder_base)
         t.initialize()
         # an encoder alone is no trained segmentation network: the method's warm start still runs
@@ -368,13 +374,13 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
             sd = t.networks[name].state_dict()
             for k, v in final["encoder"].items():
                 assert torch.equal(sd[k], v) and torch.equal(sd["decoder." + k], v)
-        t2 = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl=ssl, device="cpu", epochs=1, iterations_per_epoch=1,
+        t2 = Trainer(prepared_env["id"], cfg, "all", plans=TINY, ssl=ssl, device="cpu", epochs=1, iterations_per_epoch=1,
                      val_iterations=0, num_workers=0, verbose=False, pretrained_weights=p.output_folder_base)
         t2.run()
         text = "".join(f.read_text() for f in t2.output_folder.glob("training_log_*.txt"))
         assert "pre-trained encoder from" in text and "left at initialisation" in text
 
-    raw = Path(prepared["env"]["autossl_raw"]) / prepared["name"] / "imagesTrUnlabeled"
+    raw = Path(prepared_env["env"]["autossl_raw"]) / prepared_env["name"] / "imagesTrUnlabeled"
     image = sorted(raw.iterdir())[0]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -389,7 +395,7 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
     k = next(k for k, v in bad["encoder"].items() if v.ndim >= 4)
     bad["encoder"][k] = torch.zeros(7, *bad["encoder"][k].shape[1:])
     torch.save(bad, tmp_path / "bad.pth")
-    t3 = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl="none", device="cpu", epochs=1, iterations_per_epoch=1,
+    t3 = Trainer(prepared_env["id"], cfg, "all", plans=TINY, ssl="none", device="cpu", epochs=1, iterations_per_epoch=1,
                  val_iterations=0, num_workers=0, verbose=False)
     t3.initialize()
     with pytest.raises(TrainingError, match="does not fit network .*shape"):
@@ -400,23 +406,19 @@ def test_pretrain_resume_finetune_and_predict(prepared, monkeypatch, tmp_path):
         t3.load_pretrained_weights(tmp_path / "bad2.pth")
 
 
-def test_mae_pretrains_and_hands_over_the_decoder_too(prepared, monkeypatch, tmp_path):
+def test_mae_pretrains_and_hands_over_the_decoder_too(prepared_env, tmp_path):
     from autossl.pretraining.trainer import Pretrainer
     from autossl.training.trainer import Trainer
 
-    for k, v in prepared["env"].items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("autossl_results", str(tmp_path / "results"))
-    monkeypatch.setenv("autossl_n_proc_DA", "0")
-    cfg = prepared["configuration"]
-    p = Pretrainer(prepared["id"], cfg, "mae", plans=TINY, epochs=1, iterations_per_epoch=2, device="cpu",
+    cfg = prepared_env["configuration"]
+    p = Pretrainer(prepared_env["id"], cfg, "mae", plans=TINY, epochs=1, iterations_per_epoch=2, device="cpu",
                    num_workers=0, verbose=False)
     final = torch.load(p.run(), weights_only=True)
     keys = set(final["encoder"])
     assert any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("encoder.") for k in keys)
     assert not any(k.startswith(("decoder.seg_layers.", "decoder.encoder.")) for k in keys)
 
-    t = Trainer(prepared["id"], cfg, "all", plans=TINY, ssl="none", device="cpu", epochs=1, iterations_per_epoch=1,
+    t = Trainer(prepared_env["id"], cfg, "all", plans=TINY, ssl="none", device="cpu", epochs=1, iterations_per_epoch=1,
                 val_iterations=0, num_workers=0, verbose=False, pretrained_weights=p.output_folder_base)
     t.initialize()
     heads_before = {k: v.clone() for k, v in t.networks[t.specs[0].name].state_dict().items() if "seg_layers" in k}
