@@ -27,10 +27,9 @@ from autossl.pretraining.registry import register
 
 
 def total_strides(encoder) -> tuple[int, ...]:
-    """The product of an encoder's per-stage strides, per axis."""
-    strides = [s if isinstance(s, (list, tuple)) else [s] * (encoder.conv_op.__name__.endswith("3d") + 2)
-               for s in encoder.strides]
-    return tuple(int(math.prod(axis)) for axis in zip(*strides))
+    """The product of an encoder's per-stage strides, per axis (dynamic_network_architectures'
+    encoders keep every stage's stride as a per-axis list)."""
+    return tuple(int(math.prod(axis)) for axis in zip(*encoder.strides))
 
 
 def block_mask(shape: tuple[int, ...], block: tuple[int, ...], ratio: float, batch: int, device) -> torch.Tensor:
