@@ -349,6 +349,33 @@ def test_ucmt_cutmix_teacher_labels_the_unmixed_sources():
     assert abs(expected.item() - wrong.item()) > 1e-3
 
 
+def test_mixed_source_labels_clean_each_source_before_the_mix():
+    """A CutMix view holds two hearts: its hard labels are each source's cleaned labels, mixed,
+    so both structures survive; cleaning the mixed map would erase the smaller one."""
+    from autossl.components.augmentation.strong import cutmix
+    from autossl.ssl.methods._shared import mixed_source_labels
+    from autossl.ssl.pseudo_label_cleaning import keep_largest_components
+    scores = torch.zeros(2, 3, 8, 8)
+    scores[:, 0] = 1.0
+    scores[0, 1, 1:4, 1:4] = 5.0    # source 0: class 1 top left (9 voxels)
+    scores[0, 1, 0, 7] = 5.0        # ... and a stray voxel outside the box, which cleaning removes
+    scores[1, 1, 5:7, 5:7] = 5.0    # source 1: class 1 bottom right (4 voxels)
+    box = torch.zeros(1, 1, 8, 8)
+    box[..., 4:, 4:] = 1            # the view: source 0 outside the box, source 1 inside
+    partner = torch.tensor([1])
+    ctx = _ctx({})
+    ctx.single_component_classes = (1,)
+    y = mixed_source_labels(scores, 1, partner, box, ctx, clean=True)
+    expected = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    expected[0, 0, 1:4, 1:4] = 1
+    expected[0, 0, 5:7, 5:7] = 1
+    assert torch.equal(y, expected)
+    mixed = cutmix(scores[:1], scores[1:], box).argmax(1, keepdim=True)
+    assert int(keep_largest_components(mixed, (1,)).sum()) == 9  # the old order lost source 1's heart
+    unclean = mixed_source_labels(scores, 1, partner, box, ctx, clean=False)
+    assert torch.equal(unclean, mixed)   # without cleaning the order does not matter
+
+
 def test_ucmt_cross_labels_come_from_the_unmixed_sources():
     """cross_labels=sources (the default with CutMix): each student learns the other's labels of
     the unaugmented, unmixed sources, mixed under the same box, not the other's argmax of the mix;

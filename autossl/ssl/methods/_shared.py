@@ -177,6 +177,15 @@ def cutmix_partners(x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext, 
     return pool, partner, mask
 
 
+def mixed_source_labels(scores: torch.Tensor, n_u: int, partner: torch.Tensor, box: torch.Tensor,
+                        ctx: TrainingContext, clean: bool) -> torch.Tensor:
+    """Hard labels of CutMix views from a network's scores (logits or probabilities) of the
+    unmixed sources: argmax and cleaning per source, then mixed under the box. Cleaning after the
+    mix would see two hearts in one patch and erase the smaller as a stray component."""
+    labels = clean_pseudo_labels(scores.argmax(1, keepdim=True), ctx, clean)
+    return cutmix(labels[:n_u], labels[partner], box)
+
+
 def cutmix_pseudo_batch(networks, x_u: torch.Tensor, x_l: torch.Tensor, ctx: TrainingContext,
                         fraction: tuple[float, float], clean: bool = True, strong: bool = False):
     """CutMix of the unlabelled images and of each network's hard pseudo-labels of them (CPS's
@@ -188,9 +197,9 @@ def cutmix_pseudo_batch(networks, x_u: torch.Tensor, x_l: torch.Tensor, ctx: Tra
     n_u = x_u.shape[0]
     pool, partner, mask = cutmix_partners(x_u, x_l, ctx, fraction)
     with torch.no_grad(), ctx.autocast():
-        labels = [clean_pseudo_labels(main_output(net(pool)).detach().argmax(1, keepdim=True), ctx, clean)
+        labels = [mixed_source_labels(main_output(net(pool)).detach(), n_u, partner, mask, ctx, clean)
                   for net in networks]
     mixed = cutmix(pool[:n_u], pool[partner], mask)
     if strong:
         mixed = ctx.strong_augment(mixed)
-    return mixed, [cutmix(y[:n_u], y[partner], mask) for y in labels]
+    return mixed, labels

@@ -68,7 +68,8 @@ from autossl.components.losses import soft_dice_loss
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output, main_target
 from autossl.ssl.methods._shared import (check_choice, clean_option, clean_pseudo_labels, cpu_generator,
-                                         cutmix_fraction_option, cutmix_partners, has_unlabeled, pseudo_label_loss,
+                                         cutmix_fraction_option, cutmix_partners, has_unlabeled, mixed_source_labels,
+                                         pseudo_label_loss,
                                          ramp_weight, rampup_option, split_output, warm_default)
 from autossl.ssl.methods.cross_teaching import check_label_map_target
 from autossl.ssl.registry import register
@@ -254,19 +255,19 @@ class UCMT(SSLMethod):
                 p_pool = torch.softmax(main_output(teacher(torch.cat([x_l, pool]))).float(), 1)
                 p_src = p_pool[n_l:]
                 p_t = torch.cat([p_pool[:n_l], cutmix(p_src[:n_u], p_src[partner], box)])
+                pseudo_t = mixed_source_labels(p_src, n_u, partner, box, ctx, self.clean)
                 if self.cross_labels == "sources":  # each student's labels of the sources, mixed alike
-                    src = [clean_pseudo_labels(main_output(s(pool)).argmax(1, keepdim=True), ctx, self.clean)
-                           for s in (s1, s2)]
-                    cross = tuple(cutmix(y[:n_u], y[partner], box) for y in src)
+                    cross = tuple(mixed_source_labels(main_output(s(pool)), n_u, partner, box, ctx, self.clean)
+                                  for s in (s1, s2))
             else:
                 x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
                 p_t = torch.softmax(main_output(teacher(x)).float(), 1)
+                pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
 
         # ---- step 1: collaborative mean teacher
         v1, v2 = self.student_views(x, ctx)
         with ctx.autocast():
             out1, out2 = s1(v1), s2(v2)
-        pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
         weight = ramp_weight(self.weight, self.rampup, ctx)
         loss_sup, loss_x, loss_u, agreement = self._losses(out1, out2, target_l, pseudo_t, n_l, ctx, cross)
         ctx.log("loss_sup", loss_sup)
