@@ -376,6 +376,34 @@ def test_mixed_source_labels_clean_each_source_before_the_mix():
     assert torch.equal(unclean, mixed)   # without cleaning the order does not matter
 
 
+def test_ucmt_teacher_pair_follows_each_student_and_averages_their_softmax():
+    """teacher=pair: one EMA teacher per student (no weight blend of two networks), and the
+    teacher's probabilities are the mean of the two teachers' softmaxes; the default stays the
+    code's one teacher blended 0.99 / 0.01."""
+    torch.manual_seed(0)
+    method = create_method("ucmt", teacher="pair")
+    assert [s.name for s in method.network_specs()] == ["student1", "student2", "teacher", "teacher2"]
+    assert [s.copy_of for s in method.network_specs()][2:] == ["student1", "student2"]
+    assert [s.name for s in create_method("ucmt").network_specs()] == ["student1", "student2", "teacher"]
+    assert method.relative_cost(1.0) == pytest.approx(create_method("ucmt").relative_cost(1.0) + 2 / 3)
+    assert create_method("ucmt", teacher="pair", predict="teacher").inference_networks() == ["teacher", "teacher2"]
+    with pytest.raises(ValueError, match="teacher"):
+        create_method("ucmt", teacher="both")
+    s1, s2, t1, t2 = TinyDS(1), TinyDS(2), TinyDS(3), TinyDS(4)
+    before = [copy.deepcopy(t.head.weight) for t in (t1, t2)]
+    ctx = _ctx({"student1": s1, "student2": s2, "teacher": t1, "teacher2": t2}, step=9)
+    decay = 1 - 1 / (ctx.ssl_step + 1)
+    method.after_optimizer_step(ctx)
+    for t, s, b in ((t1, s1, before[0]), (t2, s2, before[1])):
+        assert torch.allclose(t.head.weight, decay * b + (1 - decay) * s.head.weight)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = 0.5 * (torch.softmax(t1(x)[0], 1) + torch.softmax(t2(x)[0], 1))
+        assert torch.allclose(method.teacher_probabilities(x, ctx), expected)
+        single = create_method("ucmt").teacher_probabilities(x, ctx)
+        assert torch.allclose(single, torch.softmax(t1(x)[0], 1)) and not torch.allclose(single, expected)
+
+
 def test_ucmt_cross_labels_come_from_the_unmixed_sources():
     """cross_labels=sources (the default with CutMix): each student learns the other's labels of
     the unaugmented, unmixed sources, mixed under the same box, not the other's argmax of the mix;

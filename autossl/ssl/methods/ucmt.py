@@ -46,8 +46,9 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 * λ: sigmoid ramp over ``rampup`` of the semi-supervised phase (0.2 from scratch, the 2D code's
   5 of 25 epochs; a tenth after a warm start).
 
-Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher_mix (0.99, student
-1's share of the EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
+Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (mixed|pair: the code's
+one teacher, or one EMA teacher per student with their softmaxes averaged), teacher_mix (0.99,
+student 1's share of the mixed teacher's EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
 views (strong|blur|none), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
 (0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
 request), network (cnn|transformer: the students' and teacher's architecture;
@@ -136,6 +137,11 @@ class UCMT(SSLMethod):
         self.rampup = rampup_option(self, cold=0.2)
         self.ema_decay = self.option("ema_decay", 0.99)
         self.teacher_mix = self.option("teacher_mix", 0.99)
+        # ``mixed``: the code's one teacher, an EMA of 0.99·student1 + 0.01·student2 weights, in
+        # effect student 1's EMA, which hands student 1's own errors back to both students;
+        # ``pair``: one EMA teacher per student, their softmaxes averaged, so that a structure
+        # enters the teacher's labels only when both students' EMAs carry it
+        self.teacher = check_choice(self.name, "teacher", self.option("teacher", "mixed"), ("mixed", "pair"))
         self.grid = self.option("grid", 0)
         self.topk = self.option("topk", 0)
         self.use_umix = self.option("umix", True)
@@ -177,24 +183,42 @@ class UCMT(SSLMethod):
         students forward + backward over the mixed B + rB."""
         n = 1 + r
         sources = 2 * r if self.cutmix and self.cross_labels == "sources" else 0  # students' forward, sources
-        return (2 * 3 * n + n + sources + (2 * 3 * n if self.use_umix else 0)) / 3
+        teachers = 2 if self.teacher == "pair" else 1
+        return (2 * 3 * n + teachers * n + sources + (2 * 3 * n if self.use_umix else 0)) / 3
 
     # ----------------------------------------------------------------- networks
     def network_specs(self) -> list[NetworkSpec]:
-        return [NetworkSpec("student1", arch=self.arch), NetworkSpec("student2", arch=self.arch, seed_offset=1),
-                NetworkSpec("teacher", arch=self.arch, trainable=False, copy_of="student1")]
+        specs = [NetworkSpec("student1", arch=self.arch), NetworkSpec("student2", arch=self.arch, seed_offset=1),
+                 NetworkSpec("teacher", arch=self.arch, trainable=False, copy_of="student1")]
+        if self.teacher == "pair":
+            specs.append(NetworkSpec("teacher2", arch=self.arch, trainable=False, copy_of="student2"))
+        return specs
+
+    def teacher_names(self) -> list[str]:
+        return ["teacher", "teacher2"] if self.teacher == "pair" else ["teacher"]
 
     def inference_networks(self) -> list[str]:
-        return ["teacher"] if self.predict == "teacher" else ["student1", "student2"]
+        return self.teacher_names() if self.predict == "teacher" else ["student1", "student2"]
 
     def setup(self, ctx: TrainingContext) -> None:
-        for p in ctx.networks["teacher"].parameters():
-            p.requires_grad_(False)
+        for name in self.teacher_names():
+            for p in ctx.networks[name].parameters():
+                p.requires_grad_(False)
 
     def after_optimizer_step(self, ctx: TrainingContext) -> None:
         n = ctx.networks
-        ema_update(n["teacher"], [n["student1"], n["student2"]], warmup_decay(ctx.ssl_step, self.ema_decay),
-                   weights=[self.teacher_mix, 1.0 - self.teacher_mix])
+        decay = warmup_decay(ctx.ssl_step, self.ema_decay)
+        if self.teacher == "pair":
+            ema_update(n["teacher"], [n["student1"]], decay)
+            ema_update(n["teacher2"], [n["student2"]], decay)
+        else:
+            ema_update(n["teacher"], [n["student1"], n["student2"]], decay,
+                       weights=[self.teacher_mix, 1.0 - self.teacher_mix])
+
+    def teacher_probabilities(self, x: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
+        """The teacher's softmax of ``x`` (with ``teacher=pair`` the two teachers' softmaxes averaged)."""
+        probs = [torch.softmax(main_output(ctx.networks[t](x)).float(), 1) for t in self.teacher_names()]
+        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
     # ----------------------------------------------------------------- helpers
     def grid_for(self, n_spatial: int) -> int:
@@ -241,7 +265,7 @@ class UCMT(SSLMethod):
 
     # ----------------------------------------------------------------- training
     def training_step(self, labeled: dict, unlabeled: dict | None, ctx: TrainingContext) -> Iterator[torch.Tensor]:
-        s1, s2, teacher = ctx.networks["student1"], ctx.networks["student2"], ctx.networks["teacher"]
+        s1, s2 = ctx.networks["student1"], ctx.networks["student2"]
         x_l, target_l = labeled["data"], labeled["target"]
         check_label_map_target(target_l, self.name)
         n_l = x_l.shape[0]
@@ -252,7 +276,7 @@ class UCMT(SSLMethod):
                 pool, partner, box = cutmix_partners(unlabeled["data"], x_l, ctx, self.cutmix_fraction)
                 n_u = unlabeled["data"].shape[0]
                 x = torch.cat([x_l, cutmix(pool[:n_u], pool[partner], box)])
-                p_pool = torch.softmax(main_output(teacher(torch.cat([x_l, pool]))).float(), 1)
+                p_pool = self.teacher_probabilities(torch.cat([x_l, pool]), ctx)
                 p_src = p_pool[n_l:]
                 p_t = torch.cat([p_pool[:n_l], cutmix(p_src[:n_u], p_src[partner], box)])
                 pseudo_t = mixed_source_labels(p_src, n_u, partner, box, ctx, self.clean)
@@ -261,7 +285,7 @@ class UCMT(SSLMethod):
                                   for s in (s1, s2))
             else:
                 x = torch.cat([x_l, unlabeled["data"]]) if use_u else x_l
-                p_t = torch.softmax(main_output(teacher(x)).float(), 1)
+                p_t = self.teacher_probabilities(x, ctx)
                 pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
 
         # ---- step 1: collaborative mean teacher
