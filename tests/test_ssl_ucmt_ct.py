@@ -472,6 +472,12 @@ def test_ucmt_student_views():
     changed = [not torch.equal(b1[i], x[i]) for i in range(4)] + [not torch.equal(b2[i], x[i]) for i in range(4)]
     assert any(changed) and not torch.equal(b1, b2)
     assert b1.shape == x.shape and torch.allclose(b1.mean(), x.mean(), atol=0.2)  # a blur keeps the mean level
+    calls.clear()
+    p1, p2 = create_method("ucmt", view_labeled="false").student_views(x, ctx_s, n_l=1)
+    assert torch.equal(p1[:1], x[:1]) and torch.equal(p2[:1], x[:1])  # labelled: the loader's batch
+    assert torch.equal(p1[1:], x[1:] + 1) and torch.equal(p2[1:], x[1:] + 2)
+    q1, _ = create_method("ucmt", view_labeled="false").student_views(x[:2], ctx_s, n_l=2)
+    assert q1 is not None and torch.equal(q1, x[:2])  # the warm start's labelled-only batch
     with pytest.raises(ValueError, match="views"):
         create_method("ucmt", views="sharp")
 

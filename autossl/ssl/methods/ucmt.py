@@ -49,7 +49,7 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (mixed|pair: the code's
 one teacher, or one EMA teacher per student with their softmaxes averaged), teacher_mix (0.99,
 student 1's share of the mixed teacher's EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
-views (strong|blur|none), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
+views (strong|blur|none), view_labeled (true: the labelled images get the views too), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
 (0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
 request), network (cnn|transformer: the students' and teacher's architecture;
 ``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
@@ -148,6 +148,9 @@ class UCMT(SSLMethod):
         # the students' views: the strong intensity augmentation by default (the teacher labels the
         # plain batch: FixMatch's weak -> strong); ``blur`` is the 3D code's Gaussian blur
         self.views = check_choice(self.name, "views", self.option("views", "strong"), ("blur", "strong", "none"))
+        # the labelled images get the students' views too (the code's); false: they keep the
+        # loader's augmentation, as the labelled images of CPS and FixMatch do
+        self.view_labeled = self.option("view_labeled", True)
         # the unlabelled images are CutMix views (CPS-CutMix's): mixed under a random box with
         # another image, the teacher's probabilities taken from the unmixed sources and mixed the
         # same way. Without it (A2D-3 seed 0) UCMT's own perturbations, strong views and UMIX,
@@ -228,9 +231,16 @@ class UCMT(SSLMethod):
         """k blocks swapped each way: the option, or an eighth of the grid's blocks (>= 1)."""
         return self.topk if self.topk > 0 else max(1, self.grid_for(n_spatial) ** n_spatial // 8)
 
-    def student_views(self, x: torch.Tensor, ctx: TrainingContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def student_views(self, x: torch.Tensor, ctx: TrainingContext, n_l: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two students' views of a batch whose first ``n_l`` images are labelled (those stay
+        as the loader made them with ``view_labeled=false``)."""
         if self.views == "none":
             return x, x
+        if not self.view_labeled and n_l > 0:
+            if n_l == x.shape[0]:
+                return x, x
+            u1, u2 = self.student_views(x[n_l:], ctx)
+            return torch.cat([x[:n_l], u1]), torch.cat([x[:n_l], u2])
         if self.views == "strong":
             return ctx.strong_augment(x), ctx.strong_augment(x)
         gen = cpu_generator(ctx)
@@ -289,7 +299,7 @@ class UCMT(SSLMethod):
                 pseudo_t = clean_pseudo_labels(p_t[n_l:].argmax(1, keepdim=True), ctx, self.clean) if use_u else None
 
         # ---- step 1: collaborative mean teacher
-        v1, v2 = self.student_views(x, ctx)
+        v1, v2 = self.student_views(x, ctx, n_l)
         with ctx.autocast():
             out1, out2 = s1(v1), s2(v2)
         weight = ramp_weight(self.weight, self.rampup, ctx)
