@@ -227,13 +227,13 @@ def test_target_pyramid_equals_the_loaders_deep_supervision_targets(shape, scale
 
 # ----------------------------------------------------------------------------- UCMT
 def test_ema_of_two_students_matches_formula():
-    """UCMT's reference update: α = min(1 - 1/(t+1), 0.99), teacher = α·t + (1-α)(0.99·s1 + 0.01·s2)."""
+    """UCMT's reference update (teacher=mixed): α = min(1 - 1/(t+1), 0.99), teacher = α·t + (1-α)(0.99·s1 + 0.01·s2)."""
     s1, s2 = TinyDS(1), TinyDS(2)
     teacher = copy.deepcopy(s1)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(1.0)
-    method = UCMT()
+    method = UCMT(teacher="mixed")
     for step, alpha in ((1000, 0.99), (3, 0.75)):
         before = {k: v.clone() for k, v in teacher.state_dict().items()}
         method.after_optimizer_step(_ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=step))
@@ -258,11 +258,11 @@ def test_ema_of_two_students_matches_formula():
 def test_ucmt_two_steps_second_sees_updated_weights(dim):
     s1, s2 = TinyDS(1, dim), TinyDS(2, dim)
     teacher = copy.deepcopy(s1)
-    method = create_method("ucmt", rampup="0", grid="2", topk="1")
+    method = create_method("ucmt", rampup="0", grid="2", topk="1", teacher="mixed")
     specs = {s.name: s for s in method.network_specs()}
     assert specs["teacher"].trainable is False and specs["teacher"].copy_of == "student1"
     assert specs["student2"].seed_offset == 1 and method.inference_networks() == ["student1", "student2"]
-    assert create_method("ucmt", predict="teacher").inference_networks() == ["teacher"]
+    assert create_method("ucmt", predict="teacher", teacher="mixed").inference_networks() == ["teacher"]
     ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=3)
     method.setup(ctx)
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -293,7 +293,7 @@ def test_ucmt_two_steps_second_sees_updated_weights(dim):
     assert logged["ramp_weight"] == pytest.approx(0.1)
     assert method.optimizer_steps_per_iteration == 2
     # without UMIX only the CMT step is yielded
-    no_umix = create_method("ucmt", umix="false")
+    no_umix = create_method("ucmt", umix="false", teacher="mixed")
     assert len(list(no_umix.training_step(lab, unl, ctx))) == 1 and no_umix.optimizer_steps_per_iteration == 1
 
 
@@ -326,7 +326,7 @@ def test_ucmt_cutmix_teacher_labels_the_unmixed_sources():
     lab, unl = _batch(n=3)
     zero = lambda o, t: o[0].sum() * 0.0  # noqa: E731  (isolates the pseudo-label terms)
     method = create_method("ucmt", rampup="0", views="none", umix="false", cutmix_min=0.4, cutmix_max=0.4,
-                           clean="false", weight="1", cross_labels="views")
+                           clean="false", weight="1", cross_labels="views", teacher="mixed")
     assert create_method("ucmt").cutmix and not create_method("ucmt", cutmix="false").cutmix
     ctx = _ctx({"student1": s1, "student2": s2, "teacher": teacher}, step=5)
     ctx.supervised_loss = zero
@@ -377,16 +377,17 @@ def test_mixed_source_labels_clean_each_source_before_the_mix():
 
 
 def test_ucmt_teacher_pair_follows_each_student_and_averages_their_softmax():
-    """teacher=pair: one EMA teacher per student (no weight blend of two networks), and the
-    teacher's probabilities are the mean of the two teachers' softmaxes; the default stays the
-    code's one teacher blended 0.99 / 0.01."""
+    """teacher=pair (the default): one EMA teacher per student (no weight blend of two networks),
+    and the teacher's probabilities are the mean of the two teachers' softmaxes; teacher=mixed is
+    the code's one teacher blended 0.99 / 0.01."""
     torch.manual_seed(0)
-    method = create_method("ucmt", teacher="pair")
+    method = create_method("ucmt")
     assert [s.name for s in method.network_specs()] == ["student1", "student2", "teacher", "teacher2"]
     assert [s.copy_of for s in method.network_specs()][2:] == ["student1", "student2"]
-    assert [s.name for s in create_method("ucmt").network_specs()] == ["student1", "student2", "teacher"]
-    assert method.relative_cost(1.0) == pytest.approx(create_method("ucmt").relative_cost(1.0) + 2 / 3)
-    assert create_method("ucmt", teacher="pair", predict="teacher").inference_networks() == ["teacher", "teacher2"]
+    mixed = create_method("ucmt", teacher="mixed")
+    assert [s.name for s in mixed.network_specs()] == ["student1", "student2", "teacher"]
+    assert method.relative_cost(1.0) == pytest.approx(mixed.relative_cost(1.0) + 2 / 3)
+    assert create_method("ucmt", predict="teacher").inference_networks() == ["teacher", "teacher2"]
     with pytest.raises(ValueError, match="teacher"):
         create_method("ucmt", teacher="both")
     s1, s2, t1, t2 = TinyDS(1), TinyDS(2), TinyDS(3), TinyDS(4)
@@ -400,7 +401,7 @@ def test_ucmt_teacher_pair_follows_each_student_and_averages_their_softmax():
     with torch.no_grad():
         expected = 0.5 * (torch.softmax(t1(x)[0], 1) + torch.softmax(t2(x)[0], 1))
         assert torch.allclose(method.teacher_probabilities(x, ctx), expected)
-        single = create_method("ucmt").teacher_probabilities(x, ctx)
+        single = mixed.teacher_probabilities(x, ctx)
         assert torch.allclose(single, torch.softmax(t1(x)[0], 1)) and not torch.allclose(single, expected)
 
 
@@ -416,7 +417,7 @@ def test_ucmt_cross_labels_come_from_the_unmixed_sources():
     lab, unl = _batch(n=3)
     zero = lambda o, t: o[0].sum() * 0.0  # noqa: E731  (isolates the pseudo-label terms)
     method = create_method("ucmt", rampup="0", views="none", cutmix_min=0.4, cutmix_max=0.4,
-                           clean="false", weight="1", grid="2", topk="1")
+                           clean="false", weight="1", grid="2", topk="1", teacher="mixed")
     assert method.cross_labels == "sources" and create_method("ucmt", cutmix="false").cross_labels == "views"
     with pytest.raises(ValueError, match="cross_labels=sources needs cutmix"):
         create_method("ucmt", cutmix="false", cross_labels="sources")
@@ -632,7 +633,7 @@ def _check_members(planned, trainer: str) -> None:
 
 def test_e2e_ucmt(planned):
     _train(planned, "--ssl", "ucmt")
-    _check_run(planned, "autosslTrainer_ucmt", {"student1", "student2", "teacher"}, ["student1", "student2"],
+    _check_run(planned, "autosslTrainer_ucmt", {"student1", "student2", "teacher", "teacher2"}, ["student1", "student2"],
                UCMT.scalars)
     model = planned["root"] / "autossl_results" / planned["name"]
     log = "".join(p.read_text() for p in model.glob("autosslTrainer_ucmt__*/fold_0/training_log_*.txt"))

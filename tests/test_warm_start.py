@@ -180,7 +180,7 @@ def test_pretrained_weights_load_into_every_network_of_the_architecture(ds, supe
     t = _trainer(ds, fold="all", ssl="ucmt", pretrained_weights=supervised_run.output_folder_base)
     t.initialize()
     chosen = t.load_pretrained_weights(t.pretrained_weights) or {}
-    for name in ("student1", "student2", "teacher"):
+    for name in ("student1", "student2", "teacher", "teacher2"):
         assert _states_equal(t.networks[name], src), name
     # the folder form found fold_all/checkpoint_final.pth; the file form works the same
     t2 = _trainer(ds, fold="all", ssl="cps")
@@ -325,9 +325,10 @@ def test_relative_costs():
     r = 1.0
     assert create_method("none").relative_cost(r) == pytest.approx(1.0)
     # the issue's ~8.7x, plus both students' forward over the unmixed sources (their cross labels)
-    assert create_method("ucmt", cross_labels="views").relative_cost(r) == pytest.approx(26 / 3)
-    assert create_method("ucmt").relative_cost(r) == pytest.approx(28 / 3)
-    assert create_method("ucmt", umix="false", cross_labels="views").relative_cost(r) == pytest.approx(14 / 3)
+    assert create_method("ucmt", cross_labels="views", teacher="mixed").relative_cost(r) == pytest.approx(26 / 3)
+    assert create_method("ucmt", teacher="mixed").relative_cost(r) == pytest.approx(28 / 3)
+    assert create_method("ucmt").relative_cost(r) == pytest.approx(30 / 3)  # + the second teacher's forward
+    assert create_method("ucmt", umix="false", cross_labels="views", teacher="mixed").relative_cost(r) == pytest.approx(14 / 3)
     assert create_method("cross_teaching").relative_cost(r) == pytest.approx(4.0)
     assert create_method("cross_teaching", cutmix="true").relative_cost(r) == pytest.approx(14 / 3)  # + both nets over the sources
     assert create_method("cps_cutmix").relative_cost(r) == pytest.approx(14 / 3)

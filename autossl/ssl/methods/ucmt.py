@@ -1,10 +1,12 @@
 """UCMT: uncertainty-guided collaborative mean teacher (Shen et al., IJCAI 2023; code Senyh/UCMT).
 
-Two students (same CNN, different initialisation) and a teacher that is, after every optimiser
-step, an EMA of the students' weights as in the reference code: α = min(1 - 1/(t+1), 0.99),
-teacher = α·teacher + (1 - α)·(0.99·student1 + 0.01·student2). Two differently initialised
-networks do not average into a working network, so the teacher is in effect student 1's EMA. Each iteration has two
-optimiser steps (two yielded losses):
+Two students (same CNN, different initialisation) and their teacher. By default (``teacher=pair``)
+the teacher is two EMAs, one per student, updated after every optimiser step with
+α = min(1 - 1/(t+1), 0.99), whose softmaxes are averaged. The reference code's teacher
+(``teacher=mixed``) is one EMA of 0.99·student1 + 0.01·student2 weights: two differently
+initialised networks do not average into a working network, so it is in effect student 1's EMA,
+and it taught both students student 1's own false positives. Each iteration has two optimiser
+steps (two yielded losses):
 
 1. CMT. Student i sees its own augmented view v_i of the labelled + unlabelled batch, the
    teacher the plain batch. L = L_s(s1) + L_s(s2) + w·λ(t)·(L_x + L_u),
@@ -46,8 +48,8 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 * λ: sigmoid ramp over ``rampup`` of the semi-supervised phase (0.2 from scratch, the 2D code's
   5 of 25 epochs; a tenth after a warm start).
 
-Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (mixed|pair: the code's
-one teacher, or one EMA teacher per student with their softmaxes averaged), teacher_mix (0.99,
+Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (pair|mixed: one EMA teacher
+per student with their softmaxes averaged, or the code's one teacher), teacher_mix (0.99,
 student 1's share of the mixed teacher's EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
 views (strong|blur|none), view_labeled (true: the labelled images get the views too), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
 (0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
@@ -137,11 +139,12 @@ class UCMT(SSLMethod):
         self.rampup = rampup_option(self, cold=0.2)
         self.ema_decay = self.option("ema_decay", 0.99)
         self.teacher_mix = self.option("teacher_mix", 0.99)
-        # ``mixed``: the code's one teacher, an EMA of 0.99·student1 + 0.01·student2 weights, in
-        # effect student 1's EMA, which hands student 1's own errors back to both students;
-        # ``pair``: one EMA teacher per student, their softmaxes averaged, so that a structure
-        # enters the teacher's labels only when both students' EMAs carry it
-        self.teacher = check_choice(self.name, "teacher", self.option("teacher", "mixed"), ("mixed", "pair"))
+        # ``pair`` (default): one EMA teacher per student, their softmaxes averaged, so that a
+        # structure enters the teacher's labels only when both students' EMAs carry it; ``mixed``:
+        # the code's one teacher, an EMA of 0.99·student1 + 0.01·student2 weights, in effect
+        # student 1's EMA, which hands student 1's own errors back to both students (A2D-3 from
+        # ``mae``: 64.5 / 63.2 with ``pair``, 61.4 / 61.9 with ``mixed``; documentation/benchmarks.md)
+        self.teacher = check_choice(self.name, "teacher", self.option("teacher", "pair"), ("mixed", "pair"))
         self.grid = self.option("grid", 0)
         self.topk = self.option("topk", 0)
         self.use_umix = self.option("umix", True)
