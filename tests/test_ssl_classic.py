@@ -386,6 +386,30 @@ def test_fixmatch_cutout_erases_a_box_of_the_strong_view_only():
 
 
 # ----------------------------------------------------------------------------- self-training
+def test_self_training_pseudo_labels_keep_the_largest_component_per_case_or_slice():
+    """clean: a whole case's pseudo-label keeps the largest component of each single-structure
+    class (per slice for a 2d configuration), the rest background, before the threshold."""
+    from autossl.ssl.methods.self_training import pseudo_label
+    probs = np.zeros((2, 2, 4, 6), dtype=np.float32)  # (C, z, y, x): 2 slices
+    probs[0] = 1.0
+    for z, xs in ((0, (slice(0, 3), slice(5, 6))), (1, (slice(5, 6),))):  # slice 0: 3 + 1 voxels; slice 1: 1 voxel
+        for sl in xs:
+            probs[:, z, 1, sl] = [[0.0], [1.0]]
+    raw, _, _ = pseudo_label(probs, 0.9)
+    assert int((raw == 1).sum()) == 5
+    per_slice, _, _ = pseudo_label(probs, 0.9, (1,), per_slice=True)
+    assert per_slice[0, 0, 1].tolist() == [1, 1, 1, 0, 0, 0] and per_slice[0, 1, 1, 5] == 1  # each slice's largest
+    whole, _, _ = pseudo_label(probs, 0.9, (1,), per_slice=False)
+    # in 3D the two x = 5 voxels touch across the slices: a 2-voxel component, smaller than 3
+    assert whole[0, 0, 1].tolist() == [1, 1, 1, 0, 0, 0] and whole[0, 1, 1, 5] == 0 and int((whole == 1).sum()) == 3
+    whole_no_touch = probs.copy()
+    whole_no_touch[:, 1, 1, 5] = [1.0, 0.0]
+    whole_no_touch[:, 1, 3, 0] = [0.0, 1.0]
+    w2, _, _ = pseudo_label(whole_no_touch, 0.9, (1,))
+    assert int((w2 == 1).sum()) == 3 and w2[0, 1, 3, 0] == 0  # a lone voxel of another slice, removed in 3D
+    assert create_method("self_training").clean and not create_method("self_training", clean="false").clean
+
+
 def test_self_training_pseudo_label_filtering_rounds_and_state():
     from autossl.ssl.methods.self_training import pseudo_label
     probs = np.array([[0.95, 0.5, 0.2, 0.05], [0.05, 0.5, 0.8, 0.95]], dtype=np.float32).reshape(2, 1, 2, 2)

@@ -52,6 +52,9 @@ class TrainingContext:
     #: 2d): methods may remove their pseudo-labels' other components
     #: (``autossl.ssl.pseudo_label_cleaning``); empty = clean nothing
     single_component_classes: tuple[int, ...] = ()
+    #: those classes were decided per slice (a 2d configuration): a whole case's pseudo-label is
+    #: then cleaned slice by slice
+    single_component_per_slice: bool = False
     _logged: dict[str, list[float]] = field(default_factory=dict)
 
     @property

@@ -508,6 +508,7 @@ class Trainer:
                     and self._single_components is None:
                 self._single_components = self._single_component_classes()
                 self.ctx.single_component_classes = self._single_components
+                self.ctx.single_component_per_slice = len(self.patch_size) == 2
 
     def _single_component_classes(self) -> tuple[int, ...]:
         """Classes the labelled training cases show to be one connected structure (per slice for
