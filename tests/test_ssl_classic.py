@@ -407,7 +407,7 @@ def test_self_training_pseudo_labels_keep_the_largest_component_per_case_or_slic
     whole_no_touch[:, 1, 3, 0] = [0.0, 1.0]
     w2, _, _ = pseudo_label(whole_no_touch, 0.9, (1,))
     assert int((w2 == 1).sum()) == 3 and w2[0, 1, 3, 0] == 0  # a lone voxel of another slice, removed in 3D
-    assert create_method("self_training").clean and not create_method("self_training", clean="false").clean
+    assert create_method("self_training", clean="true").clean and not create_method("self_training").clean
 
 
 def test_self_training_pseudo_label_filtering_rounds_and_state():
