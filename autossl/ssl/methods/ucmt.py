@@ -48,10 +48,11 @@ Defaults (documented with the A2D-3 figures in documentation/ssl_methods.md):
 * λ: sigmoid ramp over ``rampup`` of the semi-supervised phase (0.2 from scratch, the 2D code's
   5 of 25 epochs; a tenth after a warm start).
 
-Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (pair|mixed: one EMA teacher
-per student with their softmaxes averaged, or the code's one teacher), teacher_mix (0.99,
-student 1's share of the mixed teacher's EMA), grid (0 = auto: 4), topk (0 = auto: an eighth of the blocks), umix (true),
-views (strong|blur|none), view_labeled (true: the labelled images get the views too), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
+Options: weight, unsup_loss (dice_ce|dice), rampup, ema_decay (0.99), teacher (pair|mixed: one
+EMA teacher per student with their softmaxes averaged, or the code's one teacher), teacher_mix
+(0.99, student 1's share of the mixed teacher's EMA), grid (0 = auto: 4), topk (0 = auto: an
+eighth of the blocks), umix (true), views (strong|blur|none), view_labeled (true: the labelled
+images get the views too), cutmix (true), cross_labels (sources|views), cutmix_min / cutmix_max
 (0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
 request), network (cnn|transformer: the students' and teacher's architecture;
 ``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
