@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from autossl.ssl.methods.bcp import BCP, bidirectional_mix, mixed_loss
-from autossl.ssl.pseudo_label_cleaning import keep_largest_components, single_component_classes
+from autossl.ssl.pseudo_label_cleaning import keep_largest_components, single_component_classes, single_structure
 from autossl.ssl.registry import create_method
 from autossl.components.losses import SupervisedLoss
 
@@ -43,6 +43,52 @@ def test_keep_largest_components_sets_the_other_pieces_to_background():
     assert torch.equal(keep_largest_components(labels, ()), labels)
     both = keep_largest_components(labels, (1, 2))
     assert int((both == 2).sum()) == 1  # equal pieces: one is kept (the first found)
+
+
+def test_single_structure_reports_a_foreground_that_is_one_piece():
+    heart = np.zeros((2, 8, 8), np.int16)
+    heart[:, 2:5, 2:4] = 1                     # two classes that touch: one foreground structure
+    heart[:, 2:5, 4:6] = 2
+    assert single_structure([heart], [1, 2], per_slice=True) == ((1, 2), (1, 2))
+    apart = heart.copy()
+    apart[:, :, 4] = 0                         # a gap between them: each class one piece, the union two
+    assert single_structure([apart], [1, 2], per_slice=True) == ((1, 2), ())
+    assert single_structure([heart], [1], per_slice=True) == ((1,), ())   # one class: no extra step
+
+
+def test_foreground_first_cleaning_drops_a_stray_piece_larger_than_the_true_one():
+    labels = torch.tensor([[[[1, 1, 2, 0, 0, 0],
+                             [1, 1, 0, 0, 2, 2],
+                             [1, 1, 0, 0, 2, 2],
+                             [0, 0, 0, 0, 2, 2]]]])
+    # class 2 alone: its stray block (6 voxels) beats its true piece touching class 1 (1 voxel)
+    per_class = keep_largest_components(labels, (1, 2))
+    assert int(per_class[0, 0, 0, 2]) == 0 and int((per_class == 2).sum()) == 6
+    # the foreground first: the heart (class 1 + its class-2 voxel, 7) wins, the stray block goes
+    out = keep_largest_components(labels, (1, 2), foreground=(1, 2))
+    expected = torch.zeros_like(labels)
+    expected[0, 0, :3, :2] = 1
+    expected[0, 0, 0, 2] = 2
+    assert torch.equal(out, expected)
+    # a foreground step alone, no per-class step
+    assert torch.equal(keep_largest_components(labels, (), foreground=(1, 2)), expected)
+
+
+def test_clean_pseudo_labels_takes_the_foreground_step_from_the_context():
+    from autossl.ssl.context import TrainingContext
+    from autossl.ssl.methods._shared import clean_pseudo_labels
+    ctx = TrainingContext(networks={}, total_steps=1, num_classes=3, device=torch.device("cpu"),
+                          supervised_loss=SupervisedLoss(), strong_augment=lambda x: x)
+    labels = torch.zeros(1, 1, 6, 6, dtype=torch.long)
+    labels[0, 0, :3, :3] = 1
+    labels[0, 0, 4:, 4:] = 2                   # a class-2 piece that does not touch class 1
+    assert torch.equal(clean_pseudo_labels(labels, ctx), labels)          # nothing decided: unchanged
+    ctx.single_component_classes = (1, 2)
+    assert torch.equal(clean_pseudo_labels(labels, ctx), labels)          # each class is one piece
+    ctx.single_component_foreground = (1, 2)
+    out = clean_pseudo_labels(labels, ctx)
+    assert int((out == 2).sum()) == 0 and int((out == 1).sum()) == 9      # the stray structure goes
+    assert torch.equal(clean_pseudo_labels(labels, ctx, enabled=False), labels)
 
 
 def test_bidirectional_mix_pastes_ground_truth_and_pseudo_labels_under_one_box():

@@ -52,6 +52,9 @@ class TrainingContext:
     #: 2d): methods may remove their pseudo-labels' other components
     #: (``autossl.ssl.pseudo_label_cleaning``); empty = clean nothing
     single_component_classes: tuple[int, ...] = ()
+    #: the foreground classes when the labelled cases show their union to be one structure too
+    #: (cleaning then keeps the union's largest component first); empty = no such step
+    single_component_foreground: tuple[int, ...] = ()
     #: those classes were decided per slice (a 2d configuration): a whole case's pseudo-label is
     #: then cleaned slice by slice
     single_component_per_slice: bool = False

@@ -242,7 +242,7 @@ class Trainer:
         self.pretrained_weights = self.pretrained_sources[0] if sources else None
         self.snapshot_every = int(snapshot_every)
         self._warmup_done = False
-        self._single_components: tuple[int, ...] | None = None  # decided from the labelled cases
+        self._single_components: tuple | None = None  # (classes, foreground), decided from the labelled cases
         self._pretrained_loaded = False
         #: the method's predictions of the unlabelled pool during training (``predict_unlabeled``):
         #: how many, patches through a network (tiles x flips x networks) and seconds; part of the
@@ -507,21 +507,27 @@ class Trainer:
             if (self.uses_unlabeled or self.rounds > 1) and not self.label_manager.has_regions \
                     and self._single_components is None:
                 self._single_components = self._single_component_classes()
-                self.ctx.single_component_classes = self._single_components
+                self.ctx.single_component_classes, self.ctx.single_component_foreground = self._single_components
                 self.ctx.single_component_per_slice = len(self.patch_size) == 2
 
-    def _single_component_classes(self) -> tuple[int, ...]:
-        """Classes the labelled training cases show to be one connected structure (per slice for
-        a 2d configuration): what pseudo-label cleaning may reduce to its largest component."""
-        from autossl.ssl.pseudo_label_cleaning import single_component_classes
+    def _single_component_classes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(classes, foreground): the classes the labelled training cases show to be one connected
+        structure each (per slice for a 2d configuration), and the foreground classes when their
+        union is one structure too: what pseudo-label cleaning may reduce to its largest component."""
+        from autossl.ssl.pseudo_label_cleaning import single_structure
 
+        per_slice = len(self.patch_size) == 2
         segs = (storage.load_case(self.data_folder, k, mmap=False)[1] for k in self.tr_keys)
-        found = single_component_classes((s for s in segs if s is not None), self.label_manager.foreground_labels,
-                                         per_slice=len(self.patch_size) == 2)
+        found, foreground = single_structure((s for s in segs if s is not None), self.label_manager.foreground_labels,
+                                             per_slice=per_slice)
+        where = " per slice" if per_slice else ""
         self.logger.print(f"pseudo-label cleaning: the labelled cases show classes {list(found)} as one connected "
-                          f"structure{' per slice' if len(self.patch_size) == 2 else ''}"
-                          if found else "pseudo-label cleaning: no class is one connected structure in the labelled cases")
-        return found
+                          f"structure{where}" if found else
+                          "pseudo-label cleaning: no class is one connected structure in the labelled cases")
+        if foreground:
+            self.logger.print(f"pseudo-label cleaning: the foreground (classes {list(foreground)}) is one connected "
+                              f"structure{where}: its largest component is kept first")
+        return found, foreground
 
     def _stream_seeds(self, stream: str, n: int) -> list[int]:
         ss = np.random.SeedSequence([self.seed, self.dist.rank, self.current_step, _STREAM_IDS[stream]])

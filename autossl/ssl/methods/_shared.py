@@ -96,12 +96,14 @@ def clean_option(method) -> bool:
 
 
 def clean_pseudo_labels(labels: torch.Tensor, ctx: TrainingContext, enabled: bool = True) -> torch.Tensor:
-    """Hard pseudo-labels (B, 1, *spatial) with the other components of every single-structure
-    class (``ctx.single_component_classes``) set to background; unchanged when ``enabled`` is
+    """Hard pseudo-labels (B, 1, *spatial) with the other components of the foreground, when it
+    is one structure (``ctx.single_component_foreground``), then of every single-structure class
+    (``ctx.single_component_classes``) set to background; unchanged when ``enabled`` is
     false or no class qualifies. Logs ``pl_cleaned``, the share of voxels changed."""
-    if not enabled or not ctx.single_component_classes:
+    if not enabled or not (ctx.single_component_classes or ctx.single_component_foreground):
         return labels
-    cleaned = keep_largest_components(labels, ctx.single_component_classes)
+    cleaned = keep_largest_components(labels, ctx.single_component_classes,
+                                      foreground=ctx.single_component_foreground)
     ctx.log("pl_cleaned", (cleaned != labels).float().mean())
     return cleaned
 

@@ -29,11 +29,10 @@ import torch
 from autossl.ssl.base import NetworkSpec, SSLMethod
 from autossl.ssl.context import TrainingContext, main_output
 from autossl.components.ema import ema_update, warmup_decay
-from autossl.ssl.methods._shared import (check_choice, cpu_generator, has_unlabeled, require_label_maps, split_output,
-                                         supervised_loss_only)
+from autossl.ssl.methods._shared import (check_choice, clean_pseudo_labels, cpu_generator, has_unlabeled,
+                                         require_label_maps, split_output, supervised_loss_only)
 from autossl.ssl.methods.cps import cutmix, hard_labels
 from autossl.ssl.methods.ucmt import target_pyramid
-from autossl.ssl.pseudo_label_cleaning import keep_largest_components
 from autossl.ssl.registry import register
 from autossl.components.augmentation.strong import box_mask
 
@@ -100,10 +99,7 @@ class BCP(SSLMethod):
     def pseudo_labels(self, x_u: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
         with torch.no_grad(), ctx.autocast():
             labels = hard_labels(main_output(ctx.networks["teacher"](x_u)))
-        if self.clean and ctx.single_component_classes:
-            cleaned = keep_largest_components(labels, ctx.single_component_classes)
-            ctx.log("pl_cleaned", (cleaned != labels).float().mean())
-            labels = cleaned
+        labels = clean_pseudo_labels(labels, ctx, self.clean)
         ctx.log("pl_foreground", (labels > 0).float().mean())
         return labels
 

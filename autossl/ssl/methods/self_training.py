@@ -33,17 +33,17 @@ IGNORE = -1
 
 
 def pseudo_label(probabilities, threshold: float, clean_classes: tuple[int, ...] = (),
-                 per_slice: bool = False) -> tuple[np.ndarray, float, float]:
+                 per_slice: bool = False, foreground: tuple[int, ...] = ()) -> tuple[np.ndarray, float, float]:
     """Hard pseudo-label (1, *spatial) int16 from probabilities (C, *spatial); voxels with
-    max p < ``threshold`` get -1. Every class in ``clean_classes`` keeps only its largest
-    connected component of the whole case (of each slice along the first spatial axis with
-    ``per_slice``), the rest becoming background, before the threshold applies. Returns (label,
-    share of voxels kept, mean max p)."""
+    max p < ``threshold`` get -1. The union of the ``foreground`` classes, then every class in
+    ``clean_classes``, keeps only its largest connected component of the whole case (of each
+    slice along the first spatial axis with ``per_slice``), the rest becoming background, before
+    the threshold applies. Returns (label, share of voxels kept, mean max p)."""
     probs = torch.as_tensor(np.asarray(probabilities) if not isinstance(probabilities, torch.Tensor) else probabilities)
     conf, labels = probs.float().max(0, keepdim=True)
-    if clean_classes:
+    if clean_classes or foreground:
         units = labels.transpose(0, 1) if per_slice else labels[None]  # (units, 1, *spatial)
-        units = keep_largest_components(units, clean_classes)
+        units = keep_largest_components(units, clean_classes, foreground=foreground)
         labels = units.transpose(0, 1) if per_slice else units[0]
     keep = conf >= threshold
     labels = torch.where(keep, labels, torch.full_like(labels, IGNORE))
@@ -177,7 +177,8 @@ class SelfTraining(SSLMethod):
             for case, probs in ctx.predict_unlabeled(cases[i:i + self.chunk]).items():
                 seg, share, conf = pseudo_label(probs, self.threshold,
                                                 ctx.single_component_classes if self.clean else (),
-                                                ctx.single_component_per_slice)
+                                                ctx.single_component_per_slice,
+                                                ctx.single_component_foreground if self.clean else ())
                 packed[case] = _pack(seg)
                 shares.append(share)
                 confs.append(conf)
