@@ -146,6 +146,28 @@ def test_mean_teacher_noise_is_clamped_and_independent_per_network():
         assert (ctx.pop_logged()["loss_unsup"] > 1e-6) == positive
 
 
+def test_mean_teacher_strong_augment_perturbs_the_students_unlabelled_images_only():
+    net = conv1x1([3.0, -3.0], [0.0, 0.0])
+    xu = torch.linspace(-1, 1, 8).view(1, 1, 2, 2, 2)
+    seen = []
+
+    def shift(x):
+        seen.append(x.clone())
+        return x + 0.5
+    for augment, positive in (("none", False), ("strong", True)):
+        seen.clear()
+        ctx = make_ctx({"student": net, "teacher": copy.deepcopy(net)}, step=100, strong_augment=shift)
+        run_step(create_method("mean_teacher", noise_std=0.0, augment=augment), labeled_batch(xu),
+                 {"data": xu, "keys": ["u"]}, ctx)
+        # identical networks, no noise: only the student's strong view makes them disagree
+        assert (ctx.pop_logged()["loss_unsup"] > 1e-6) == positive
+        assert len(seen) == (1 if augment == "strong" else 0)
+        if seen:
+            assert torch.equal(seen[0], xu)     # the unlabelled images, not the labelled ones
+    with pytest.raises(ValueError, match="augment"):
+        create_method("mean_teacher", augment="heavy")
+
+
 # ----------------------------------------------------------------------------- UA-MT
 def test_uamt_entropy_threshold_and_mask():
     from autossl.ssl.methods.ua_mt import entropy, masked_consistency, uncertainty_threshold

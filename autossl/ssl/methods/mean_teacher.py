@@ -15,6 +15,9 @@ growing with depth; ``NetworkSpec.dropout``, ``networks.build.add_dropout``), sc
 learning at our budget), active in the semi-supervised phase only (the supervised warm start
 trains the plain network), and the teacher's forward passes run with dropout active
 (``teacher_dropout``, true). Prediction uses the plain planned network in eval mode.
+``augment=strong`` gives the student's unlabelled images an independent draw of
+``ctx.strong_augment`` (intensity only) before the noise, the teacher keeping the loader's
+images: a perturbation that the consistency term can measure (FixMatch's weak -> strong).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
 class MeanTeacher(SSLMethod):
     """Options (``--ssl-opt key=value``): lambda (0.1), rampup (1.0, fraction of the run),
     ema_decay (0.99), noise_std (0.1), noise_clip (0.2), dropout (0.2: the bottleneck's rate),
-    teacher_dropout (true),
-    inference (teacher|student)."""
+    teacher_dropout (true), augment (none|strong: the student's unlabelled images get
+    ctx.strong_augment), inference (teacher|student)."""
 
     scalars = ("loss_sup", "loss_unsup", "ramp_weight")
     default_unlabeled_ratio = 1.0
@@ -54,6 +57,7 @@ class MeanTeacher(SSLMethod):
         self.noise_clip = self.option("noise_clip", 0.2)
         self.dropout = self.option("dropout", 0.2)
         self.teacher_dropout = self.option("teacher_dropout", True)
+        self.augment = check_choice(self.name, "augment", self.option("augment", "none"), ("none", "strong"))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--ssl {self.name}: dropout must be in [0, 1), got {self.dropout}")
         self.inference = check_choice(self.name, "inference", self.option("inference", "teacher"), ("teacher", "student"))
@@ -84,7 +88,11 @@ class MeanTeacher(SSLMethod):
         x_l = labeled["data"]
         n_l = x_l.shape[0]
         use_u = has_unlabeled(unlabeled)
-        x = torch.cat([x_l, self.noisy(unlabeled["data"], ctx)]) if use_u else x_l
+        if use_u:
+            x_u = ctx.strong_augment(unlabeled["data"]) if self.augment == "strong" else unlabeled["data"]
+            x = torch.cat([x_l, self.noisy(x_u, ctx)])
+        else:
+            x = x_l
         with ctx.autocast():
             out_l, out_u = split_output(student(x), n_l)
         loss_sup = ctx.supervised_loss(out_l, labeled["target"])
