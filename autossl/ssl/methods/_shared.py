@@ -90,8 +90,8 @@ def ramp_weight(lambda_max, rampup_fraction, ctx: TrainingContext) -> float:
 
 def clean_option(method) -> bool:
     """The ``clean`` option (default true): hard pseudo-labels keep only the largest connected
-    component of each class the labelled cases show to be one structure
-    (``autossl.ssl.pseudo_label_cleaning``)."""
+    component of the foreground, when the labelled cases show it to be one structure, and of each
+    class they show to be one structure (``autossl.ssl.pseudo_label_cleaning``)."""
     return method.option("clean", True)
 
 

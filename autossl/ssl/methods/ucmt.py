@@ -56,8 +56,9 @@ images get the views too), cutmix (true), cross_labels (sources|views), cutmix_m
 (0.25 / 0.5), predict (students|teacher: the students' average by default, the code's teacher on
 request), network (cnn|transformer: the students' and teacher's architecture;
 ``autossl_train --network transformer`` sets it), clean (true: the teacher's and the students'
-hard pseudo-labels keep only the largest component of each class the labelled cases show to be
-one structure).
+hard pseudo-labels keep only the largest component of the foreground and of each class that the
+labelled cases show to be one structure; A2D-3 seed 0 from ``mae``: 71.0 with the foreground
+step, 64.5 with the classes alone).
 """
 from __future__ import annotations
 
