@@ -117,6 +117,13 @@ def test_warmup_phase_draws_no_unlabelled_batch_and_hands_a_trained_teacher(ds):
     # the EMA teacher starts as the warm student, not as the untrained initialisation
     assert seen[0]["teacher_is_student"]
     assert t.ctx.warm_started
+    # the cleaning rule the trainer hands the method comes from the labelled training cases
+    from autossl.preprocessing import storage
+    from autossl.ssl.pseudo_label_cleaning import single_structure
+    segs = [storage.load_case(t.data_folder, k, mmap=False)[1] for k in t.tr_keys]
+    decided = (t.ctx.single_component_classes, t.ctx.single_component_foreground)
+    assert decided == single_structure(segs, t.label_manager.foreground_labels, per_slice=len(t.patch_size) == 2)
+    assert decided[1] == (1, 2)   # the synthetic cases: two touching classes, one foreground structure
     # checkpoints written in the warm start hold the warm student as the (predicting) teacher
     snap = torch.load(t.output_folder / "checkpoint_step3.pth", weights_only=True)
     s, te = snap["networks"]["student"], snap["networks"]["teacher"]
