@@ -17,7 +17,8 @@ from the heart), as the largest-component postprocessing does.
 
 The decision (``single_structure``) is made by the trainer from the labelled training
 cases' preprocessed segmentations, before the first step, and handed to the methods through
-``TrainingContext.single_component_classes`` and ``single_component_foreground``; it is written to the training log.
+``TrainingContext.single_component_classes`` and ``single_component_foreground``; it is written
+to the training log.
 """
 from __future__ import annotations
 
@@ -71,8 +72,7 @@ def single_component_classes(segmentations: Iterable[np.ndarray], classes: Seque
     """Classes whose largest connected component (per case, or per slice along the first
     spatial axis when ``per_slice``) holds at least ``min_share`` of the class's voxels, summed
     over all given segmentations ((1, *spatial) or (*spatial) integer maps)."""
-    shares = _largest_share(segmentations, [(c,) for c in classes], per_slice)
-    return tuple(c for c, (a, b) in zip(classes, shares) if b > 0 and a >= min_share * b)
+    return single_structure(segmentations, classes, per_slice, min_share)[0]
 
 
 def single_structure(segmentations: Iterable[np.ndarray], classes: Sequence[int], per_slice: bool,
